@@ -1,0 +1,11 @@
+"""badam-kernels: full-parameter fine-tuning of LLMs by block coordinate descent with Adam (BAdam).
+
+Public API:
+
+* :class:`BlockOptimizer`: a drop-in for ``badam.BlockOptimizer`` 1.4, with fused kernels, any base
+  optimizer, state policies at a switch (``reset`` / ``offload``) and an exact ``state_dict``;
+* :func:`truncate_backward`: layers below the active block build no graph and save no activations;
+* :func:`find_layer_stack`: the repeated layer stack of a model (Hugging Face decoders and others);
+* ``badam_kernels.ops``: the fused state operations behind one dispatch (reference, Triton, CUDA).
+"""
+__version__ = "0.1.0"

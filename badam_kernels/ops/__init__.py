@@ -1,0 +1,94 @@
+"""Backend dispatch for the block-state operations.
+
+One interface, several backends (see ``interface.py`` for the contract):
+
+* ``reference``: plain torch, any device, the ground truth;
+* ``triton``: Triton kernels (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``);
+* ``cuda``: the compiled extension ``badam_kernels._C`` (CUDA tensors).
+
+``resolve_backend`` picks the fastest one available for a device; the choice can be forced with an
+argument or the environment variable ``BADAM_KERNELS_BACKEND`` (``auto`` or a backend name).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Dict, Optional
+
+import torch
+
+from .interface import AdamWStepArgs, pack_adamw_args  # noqa: F401  (re-exported)
+
+BACKEND_NAMES = ("cuda", "triton", "reference")
+_MODULES = {"reference": ".reference", "triton": ".triton_adamw", "cuda": ".cuda"}
+ENV_VAR = "BADAM_KERNELS_BACKEND"
+_loaded: Dict[str, Optional[ModuleType]] = {}
+_load_errors: Dict[str, str] = {}
+
+
+def load_backend(name: str) -> Optional[ModuleType]:
+    """The backend's module, or None where it cannot load here (the reason is in ``backend_report``)."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)} or 'auto'")
+    if name not in _loaded:
+        try:
+            module = importlib.import_module(_MODULES[name], __name__)
+            reason = getattr(module, "unavailable_reason", lambda: None)()
+            if reason:
+                raise ImportError(reason)
+            _loaded[name] = module
+        except Exception as exc:  # a missing triton or an unbuilt extension is not an error here
+            _loaded[name] = None
+            _load_errors[name] = f"{type(exc).__name__}: {exc}"
+    return _loaded[name]
+
+
+def _runs_on(module: ModuleType, device: torch.device) -> bool:
+    supports = getattr(module, "supports_device", lambda d: True)
+    return bool(supports(device))
+
+
+def resolve_backend(name: Optional[str] = None, device: Optional[torch.device] = None) -> ModuleType:
+    """The backend module to use: ``name`` (or the environment variable), else the fastest for ``device``."""
+    name = (name or os.environ.get(ENV_VAR) or "auto").lower()
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if name != "auto":
+        module = load_backend(name)
+        if module is None:
+            raise RuntimeError(f"backend {name!r} is not available: {_load_errors.get(name)}")
+        if not _runs_on(module, device):
+            raise RuntimeError(f"backend {name!r} does not run on {device.type} tensors")
+        return module
+    for candidate in BACKEND_NAMES:
+        module = load_backend(candidate)
+        if module is not None and _runs_on(module, device):
+            return module
+    raise RuntimeError("no backend available")  # unreachable: reference runs everywhere
+
+
+def backend_report() -> Dict[str, str]:
+    """For each backend: 'available' or why not (for ``badam-finetune info``)."""
+    report = {}
+    for name in BACKEND_NAMES:
+        module = load_backend(name)
+        report[name] = "available" if module is not None else f"unavailable ({_load_errors.get(name)})"
+    return report
+
+
+def adamw_step(*tensors, backend: Optional[str] = None, **kwargs):
+    """One fused AdamW step over a block's flat buffers; see ``interface.AdamWStepArgs``.
+
+    Positional: ``param, grad, master, exp_avg, exp_avg_sq, step``. Returns the gradient norm (a 0-d
+    fp32 tensor) when it was computed, else None.
+    """
+    args = pack_adamw_args(*tensors, **kwargs)
+    return resolve_backend(backend, args.param.device).adamw_step(args)
+
+
+def init_state(param, master, exp_avg, exp_avg_sq, backend: Optional[str] = None) -> None:
+    """Fused state initialisation at a switch: master from the params, m and v zeroed, one pass."""
+    from .interface import check_state_buffers
+
+    check_state_buffers(param, master, exp_avg, exp_avg_sq)
+    resolve_backend(backend, param.device).init_state(param, master, exp_avg, exp_avg_sq)

@@ -1,0 +1,165 @@
+"""The state operations every backend implements, and the checks they share.
+
+A BAdam block keeps its optimizer state in flat 1-D buffers (see ``block_state.py``):
+
+* ``param``      the block's parameters, one contiguous buffer that the model's ``nn.Parameter``
+                 objects are views of (bf16, fp16 or fp32);
+* ``grad``       their gradients, same layout (the parameters' ``.grad`` are views of it);
+* ``master``     an fp32 master copy, or ``None`` (fp32 params are their own master; bf16 params
+                 without a master are written back with stochastic rounding);
+* ``exp_avg``    Adam's first moment m (fp32 or bf16);
+* ``exp_avg_sq`` Adam's second moment v (fp32 or bf16);
+* ``step``       a one-element fp32 device tensor: how many updates were applied since the state
+                 was (re)initialised; the step increments it unless the update is skipped.
+
+The tensors whose weight decays are laid out first, so the per-tensor decay mask is one number:
+elements ``[0, decay_numel)`` decay, the rest (biases, norms) do not.
+
+Each backend module (``reference``, ``triton_adamw``, ``cuda``) provides
+
+    adamw_step(args: AdamWStepArgs) -> Tensor | None
+    init_state(param, master, exp_avg, exp_avg_sq) -> None
+    copy_async(dst: list[Tensor], src: list[Tensor]) -> None
+
+and this module validates and packs the arguments once for all of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+PARAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+Scalar = Union[float, Tensor]
+
+
+@dataclass
+class AdamWStepArgs:
+    """Everything one fused AdamW step needs, validated.
+
+    The update (decoupled weight decay, Loshchilov & Hutter; torch.optim.AdamW's order of operations),
+    with g the gradient divided by ``grad_scale``::
+
+        norm  = ||g||_2                       (only when clipping or checking for non-finite grads)
+        skip  = found_inf != 0  or  (check_finite and norm is not finite)
+        if not skip:
+            t     = step + 1
+            g     = g * min(1, max_grad_norm / (norm + 1e-6))        (when max_grad_norm is set)
+            w     = w * (1 - lr * weight_decay)                      (first decay_numel elements)
+            m     = beta1 * m + (1 - beta1) * g
+            v     = beta2 * v + (1 - beta2) * g * g
+            w     = w - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+            param = w rounded to the param dtype   (stochastically when there is no master)
+            step  = t
+    """
+
+    param: Tensor
+    grad: Tensor
+    master: Optional[Tensor]
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    step: Tensor
+    lr: Scalar
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decay_numel: int
+    grad_scale: Optional[Scalar] = None
+    found_inf: Optional[Tensor] = None
+    max_grad_norm: Optional[float] = None
+    check_finite: bool = True
+    seed: int = 0
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+    @property
+    def stochastic_rounding(self) -> bool:
+        return self.master is None and self.param.dtype != torch.float32
+
+    @property
+    def needs_norm(self) -> bool:
+        return self.max_grad_norm is not None or self.check_finite
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _check_flat(name: str, t: Tensor, numel: int, device: torch.device, dtypes) -> None:
+    _require(isinstance(t, Tensor), f"{name} must be a tensor, got {type(t).__name__}")
+    _require(t.dim() == 1 and t.is_contiguous(), f"{name} must be a contiguous 1-D buffer, got shape {tuple(t.shape)}")
+    _require(t.numel() == numel, f"{name} has {t.numel()} elements, expected {numel}")
+    _require(t.device == device, f"{name} is on {t.device}, expected {device}")
+    _require(t.dtype in dtypes, f"{name} has dtype {t.dtype}, expected one of {[str(d) for d in dtypes]}")
+
+
+def check_state_buffers(param: Tensor, master: Optional[Tensor], exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+    """Shapes, devices and dtypes of a block's flat state buffers."""
+    _require(isinstance(param, Tensor) and param.dim() == 1, "param must be a flat 1-D buffer")
+    numel, device = param.numel(), param.device
+    _check_flat("param", param, numel, device, PARAM_DTYPES)
+    if master is not None:
+        _check_flat("master", master, numel, device, (torch.float32,))
+    elif param.dtype == torch.float16:
+        raise ValueError("fp16 parameters need an fp32 master copy (stochastic rounding is implemented for bf16)")
+    _check_flat("exp_avg", exp_avg, numel, device, STATE_DTYPES)
+    _check_flat("exp_avg_sq", exp_avg_sq, numel, device, STATE_DTYPES)
+
+
+def pack_adamw_args(
+    param: Tensor,
+    grad: Tensor,
+    master: Optional[Tensor],
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    *,
+    lr: Scalar,
+    betas: tuple = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decay_numel: Optional[int] = None,
+    grad_scale: Optional[Scalar] = None,
+    found_inf: Optional[Tensor] = None,
+    max_grad_norm: Optional[float] = None,
+    check_finite: bool = True,
+    seed: int = 0,
+) -> AdamWStepArgs:
+    """Validate the arguments of a fused AdamW step and pack them for a backend."""
+    check_state_buffers(param, master, exp_avg, exp_avg_sq)
+    numel, device = param.numel(), param.device
+    _check_flat("grad", grad, numel, device, PARAM_DTYPES)
+    _require(isinstance(step, Tensor) and step.numel() == 1 and step.dtype == torch.float32,
+             "step must be a one-element fp32 tensor")
+    _require(step.device == device, f"step is on {step.device}, expected {device}")
+    beta1, beta2 = (float(b) for b in betas)
+    _require(0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0, f"betas must lie in [0, 1), got {betas}")
+    _require(eps >= 0.0, f"eps must be non-negative, got {eps}")
+    _require(weight_decay >= 0.0, f"weight_decay must be non-negative, got {weight_decay}")
+    decay_numel = numel if decay_numel is None else int(decay_numel)
+    _require(0 <= decay_numel <= numel, f"decay_numel={decay_numel} is outside [0, {numel}]")
+    if max_grad_norm is not None:
+        _require(max_grad_norm > 0, f"max_grad_norm must be positive, got {max_grad_norm}")
+    for name, value in (("lr", lr), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if isinstance(value, Tensor):
+            _require(value.numel() == 1, f"{name} must be a scalar or a one-element tensor")
+            _require(value.device == device, f"{name} is on {value.device}, expected {device}")
+    return AdamWStepArgs(param, grad, master, exp_avg, exp_avg_sq, step, lr, beta1, beta2, float(eps),
+                         float(weight_decay), decay_numel, grad_scale, found_inf, max_grad_norm,
+                         bool(check_finite), int(seed))
+
+
+def check_copy_lists(dst: list, src: list) -> None:
+    """Both lists pair tensors of equal shape and dtype."""
+    _require(len(dst) == len(src), f"copy lists differ in length: {len(dst)} and {len(src)}")
+    for i, (d, s) in enumerate(zip(dst, src)):
+        _require(d.shape == s.shape and d.dtype == s.dtype,
+                 f"copy pair {i}: {tuple(s.shape)} {s.dtype} into {tuple(d.shape)} {d.dtype}")
