@@ -60,7 +60,9 @@ def resolve_backend(name: Optional[str] = None, device: Optional[torch.device] =
         if not _runs_on(module, device):
             raise RuntimeError(f"backend {name!r} does not run on {device.type} tensors")
         return module
-    for candidate in BACKEND_NAMES:
+    # CPU tensors: the reference (Triton runs there only through its interpreter, a testing aid)
+    candidates = BACKEND_NAMES if device.type != "cpu" else ("reference",)
+    for candidate in candidates:
         module = load_backend(candidate)
         if module is not None and _runs_on(module, device):
             return module

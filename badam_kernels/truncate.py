@@ -1,0 +1,117 @@
+"""Truncated backward: the layers below the active block build no graph and save no activations.
+
+With block k active, nothing below layer k is trainable, so backward never needs to go there; but
+autograd goes anyway when the layers' input requires grad, which Hugging Face arranges whenever
+gradient checkpointing is on (``enable_input_require_grads`` makes the embedding output require
+grad), so every layer is recomputed and differentiated whatever block is active.
+
+``truncate_backward(model)`` gives each layer of the stack a ``__call__`` that decides per call:
+
+* below the lowest layer with a trainable parameter: run under ``torch.no_grad()`` (also skips
+  checkpointing: there is nothing to recompute);
+* the lowest trainable layer, checkpointed with the reentrant variant: its tensor inputs are made
+  to require grad, since reentrant checkpointing returns no graph when no input requires grad;
+* otherwise: unchanged.
+
+Nothing is truncated while a parameter that comes before the stack (the embedding, or an lm_head
+tied to it) is trainable, since then gradients must flow through every layer. The ``__call__`` is
+installed by swapping each layer's class for a subclass, so it sits outside any wrapper the layer's
+own class puts around ``forward`` (checkpointing, FSDP); ``remove()`` restores the classes.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .models import find_layer_stack
+
+_BELOW, _LOWEST, _PLAIN = "below", "lowest", "plain"
+_truncating_classes: Dict[type, type] = {}
+
+
+def _uses_reentrant_checkpointing(layer: nn.Module) -> bool:
+    if not (getattr(layer, "gradient_checkpointing", False) and layer.training):
+        return False
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    if isinstance(func, functools.partial):
+        return func.keywords.get("use_reentrant", True)
+    return True  # unknown checkpointing function: assume the variant that needs it
+
+
+def _truncating_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``__call__`` consults the truncation handle."""
+    if cls not in _truncating_classes:
+        base_call = cls.__call__
+
+        def __call__(self, *args, **kwargs):
+            handle, index = self._badam_truncation
+            role = handle.role(index)
+            if role == _BELOW:
+                with torch.no_grad():
+                    return base_call(self, *args, **kwargs)
+            if role == _LOWEST and _uses_reentrant_checkpointing(self):
+                args = tuple(a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point()
+                             and not a.requires_grad else a for a in args)
+            return base_call(self, *args, **kwargs)
+
+        _truncating_classes[cls] = type(cls.__name__, (cls,), {"__call__": __call__,
+                                                               "__module__": cls.__module__})
+    return _truncating_classes[cls]
+
+
+class TruncatedBackward:
+    """Handle returned by :func:`truncate_backward`; ``remove()`` undoes it."""
+
+    def __init__(self, layers: nn.ModuleList, params_before: List[nn.Parameter]):
+        self.layers = list(layers)
+        self._layer_params = [list(layer.parameters()) for layer in self.layers]
+        self._params_before = params_before
+        self._lowest: Optional[int] = None
+        self._original_classes = [type(layer) for layer in self.layers]
+        for index, layer in enumerate(self.layers):
+            layer._badam_truncation = (self, index)
+            layer.__class__ = _truncating_class(type(layer))
+
+    def lowest_trainable(self) -> Optional[int]:
+        """Index of the lowest layer holding a parameter that requires grad, -1 if something before
+        the stack is trainable (no truncation), None if no layer is trainable."""
+        if any(p.requires_grad for p in self._params_before):
+            return -1
+        return next((i for i, params in enumerate(self._layer_params)
+                     if any(p.requires_grad for p in params)), None)
+
+    def role(self, index: int) -> str:
+        if not torch.is_grad_enabled():
+            return _PLAIN
+        if index == 0 or self._lowest is None:  # re-read once per forward pass, at the first layer
+            self._lowest = self.lowest_trainable()
+        lowest = self._lowest
+        if lowest is None or index < lowest:
+            return _BELOW
+        return _LOWEST if index == lowest else _PLAIN
+
+    def remove(self) -> None:
+        for layer, cls in zip(self.layers, self._original_classes):
+            layer.__class__ = cls
+            del layer._badam_truncation
+
+
+def truncate_backward(model: nn.Module, layers: Optional[nn.ModuleList] = None) -> TruncatedBackward:
+    """Make the layers below the active block run without autograd. Returns a handle with ``remove()``.
+
+    ``layers`` defaults to :func:`find_layer_stack` of the model. Parameters registered before the
+    first layer (the embedding) are watched: while one is trainable, nothing is truncated.
+    """
+    layers = find_layer_stack(model) if layers is None else layers
+    if any(hasattr(layer, "_badam_truncation") for layer in layers):
+        raise ValueError("truncate_backward is already installed on these layers")
+    stack_params = {id(p) for p in layers.parameters()}
+    params_before = []
+    for p in model.parameters():
+        if id(p) in stack_params:
+            break
+        params_before.append(p)
+    return TruncatedBackward(layers, params_before)

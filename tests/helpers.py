@@ -1,0 +1,54 @@
+"""Small models and data shared by the tests."""
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(dtype=torch.float32, seed=0, layers=3, tie=False, vocab=64, hidden=32):
+    """A random Llama small enough for CPU tests: 3 layers of width 32."""
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.train()
+    return model
+
+
+def batches(n, batch=2, seq=12, vocab=64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, seq), generator=gen) for _ in range(n)]
+
+
+def lm_loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def enable_checkpointing(model, reentrant: bool):
+    """Hugging Face gradient checkpointing under either name the installed transformers uses."""
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()  # what HF does for text models: the embedding output requires grad
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def train(model, opt, steps, seed=1, start=0):
+    """Plain loop; returns the losses. Batches depend on (seed, step) so a resumed run sees the same data."""
+    losses = []
+    data = batches(start + steps, seed=seed)[start:]
+    for ids in data:
+        loss = lm_loss(model, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    return max(((a[n].float() - b[n].float()).norm() / a[n].float().norm().clamp_min(1e-30)).item() for n in a)
