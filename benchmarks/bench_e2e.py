@@ -1,0 +1,367 @@
+"""End to end: fine-tuning step time, tokens/s and peak memory, this package against its peers.
+
+Llama-architecture models built with Hugging Face transformers in bf16 with random weights (no hub):
+
+* ``1b``: hidden 2048, intermediate 8192, 16 layers, 32 heads, 8 KV heads, vocab 128256, tied
+  embeddings, batch 4 x 1024;
+* ``8b``: hidden 4096, intermediate 14336, 32 layers, 32 heads, 8 KV heads, vocab 128256, batch 2 x 1024.
+
+``--quick``: step time with block 0, the middle block and the top block active (fixed), official
+badam 1.4 against this package, 1.2B shape, gradient checkpointing on.
+
+Default (the full run): every method over one whole block epoch (every block active once for the
+same number of steps, switches included): tokens/s, peak memory measured after the model is built,
+forward / backward / optimizer-step / switch breakdown, and the loss after the epoch, on the same
+data with the same seed. Methods that do not fit say OOM.
+
+The data are a few fixed batches of random tokens, cycled, so the loss falls and can be compared
+between methods; never zeros.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median, result_path, write_json  # noqa: E402
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, batch=4, seq=1024),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, batch=2, seq=1024),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, batch=2, seq=64),
+}
+LR = 1e-5
+
+
+# ----------------------------------------------------------------------------------- model and data
+def build_model(shape: str, checkpointing: bool, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = {k: v for k, v in SHAPES[shape].items() if k not in ("batch", "seq")}
+    config = LlamaConfig(**spec, max_position_embeddings=4096, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, torch_dtype=dtype)
+    model.train()
+    model.config.use_cache = False
+    if checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable()
+        else:
+            model.gradient_checkpointing_enable()
+    return model
+
+
+def make_batches(shape: str, batch: int, seq: int, device: str, count: int = 8):
+    gen = torch.Generator().manual_seed(1234)
+    vocab = SHAPES[shape]["vocab_size"]
+    return [torch.randint(0, vocab, (batch, seq), generator=gen).to(device) for _ in range(count)]
+
+
+def hf_loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def fused_ce_loss(model, ids):
+    """Liger's fused linear cross-entropy: the 128256-wide logits are never materialised."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+    labels = ids[:, 1:]
+    loss_fn = LigerFusedLinearCrossEntropyLoss()
+    return loss_fn(model.lm_head.weight, hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1))
+
+
+# ----------------------------------------------------------------------------------- the methods
+@dataclass
+class Method:
+    """How one method trains: a loss function, a backward, an optimizer step (with its switch)."""
+
+    optimizer: object
+    loss_fn: Callable = hf_loss
+    backward: Optional[Callable] = None  # LOMO fuses the update into backward
+
+    def run_backward(self, loss):
+        if self.backward is not None:
+            self.backward(loss)
+        else:
+            loss.backward()
+
+    def run_step(self):
+        if self.backward is None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+def method_ours(model, K, start_block=None, backend=None, policy="reset", fused_ce=False, **extra):
+    from badam_kernels import BlockOptimizer, truncate_backward
+
+    base = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    mode = "fixed" if start_block is not None else "descending"
+    opt = BlockOptimizer(base, list(model.named_parameters()), switch_block_every=K, switch_mode=mode,
+                         start_block=start_block, verbose=0, backend=backend, state_policy=policy, **extra)
+    truncate_backward(model)
+    return Method(opt, fused_ce_loss if fused_ce else hf_loss)
+
+
+def method_badam_official(model, K, start_block=None):
+    import badam
+
+    base = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    mode = "fixed" if start_block is not None else "descending"
+    opt = badam.BlockOptimizer(base, list(model.named_parameters()), switch_block_every=K, switch_mode=mode,
+                               start_block=start_block, verbose=0)
+    return Method(opt)
+
+
+def method_adamw(model, K):
+    return Method(torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=True))
+
+
+def method_lora(model, K):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(model, config)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    return Method(torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True),
+                  loss_fn=lambda _m, ids: hf_loss(peft_model, ids))
+
+
+def method_galore(model, K):
+    _stub_bitsandbytes()
+    from galore_torch import GaLoreAdamW
+
+    galore = [p for n, p in model.named_parameters() if p.dim() == 2 and ("self_attn" in n or "mlp" in n)]
+    ids = {id(p) for p in galore}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    groups = [{"params": rest},
+              {"params": galore, "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}]
+    return Method(GaLoreAdamW(groups, lr=LR, weight_decay=0.0, no_deprecation_warning=True))
+
+
+def method_lomo(model, K):
+    from lomo_optim import Lomo
+
+    opt = Lomo(model, lr=LR, clip_grad_norm=None)
+    return Method(opt, backward=lambda loss: opt.fused_backward(loss, LR))
+
+
+def _stub_bitsandbytes():
+    """galore_torch imports bitsandbytes at package import for its 8-bit variant, which is not used
+    here; a stub module stands in where bitsandbytes is not installed."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        import types
+
+        for name in ("bitsandbytes", "bitsandbytes.optim", "bitsandbytes.optim.optimizer"):
+            sys.modules.setdefault(name, types.ModuleType(name))
+        sys.modules["bitsandbytes.optim.optimizer"].Optimizer2State = object
+
+
+METHODS: Dict[str, Callable] = {
+    "ours": method_ours,
+    "ours_offload": lambda m, K: method_ours(m, K, policy="offload"),
+    "ours_fused_ce": lambda m, K: method_ours(m, K, fused_ce=True),
+    "ours_lowmem": lambda m, K: method_ours(m, K, fused_ce=True, master_weights=False, state_dtype=torch.bfloat16),
+    "ours_reference": lambda m, K: method_ours(m, K, backend="reference"),
+    "ours_triton": lambda m, K: method_ours(m, K, backend="triton"),
+    "ours_cuda": lambda m, K: method_ours(m, K, backend="cuda"),
+    "badam_official": method_badam_official,
+    "adamw_fused": method_adamw,
+    "lora_r8": method_lora,
+    "galore": method_galore,
+    "lomo": method_lomo,
+}
+
+
+# ----------------------------------------------------------------------------------- measuring
+def timed_steps(model, method: Method, batches, steps: int, warmup: int, device: str) -> dict:
+    """Run warmup + steps; per step: forward, backward, optimizer (incl. switch) milliseconds."""
+    rows = []
+    loss = None
+    for i in range(warmup + steps):
+        ids = batches[i % len(batches)]
+        if device == "cuda":
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+            events[0].record()
+        t0 = time.perf_counter()
+        loss = method.loss_fn(model, ids)
+        if device == "cuda":
+            events[1].record()
+        method.run_backward(loss)
+        if device == "cuda":
+            events[2].record()
+        method.run_step()
+        if device == "cuda":
+            events[3].record()
+            torch.cuda.synchronize()
+            fwd, bwd, opt = (events[j].elapsed_time(events[j + 1]) for j in range(3))
+        else:
+            fwd = bwd = opt = float("nan")
+        wall = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            rows.append(dict(forward_ms=fwd, backward_ms=bwd, optimizer_ms=opt, step_ms=wall,
+                             switched=bool(getattr(method.optimizer, "switched", False))))
+    plain = [r for r in rows if not r["switched"]] or rows
+    switches = [r for r in rows if r["switched"]]
+    opt_plain = median([r["optimizer_ms"] for r in plain])
+    return {
+        "steps": steps,
+        "step_s_mean": sum(r["step_ms"] for r in rows) / len(rows) / 1e3,
+        "step_s_median": median([r["step_ms"] for r in rows]) / 1e3,
+        "forward_ms": median([r["forward_ms"] for r in plain]),
+        "backward_ms": median([r["backward_ms"] for r in plain]),
+        "optimizer_ms": opt_plain,
+        "switch_ms": median([r["optimizer_ms"] - opt_plain for r in switches]) if switches else None,
+        "loss_last": float(loss.detach().float()) if loss is not None else None,
+    }
+
+
+def measure(shape: str, name: str, checkpointing: bool, batch: int, seq: int, steps: int, warmup: int,
+            K: int, device: str, **method_kw) -> dict:
+    """One method on a fresh model; OOM is a result, not a crash."""
+    row = dict(shape=shape, method=name, batch=batch, seq=seq, checkpointing=checkpointing, **method_kw)
+    model = method = None
+    try:
+        model = build_model(shape, checkpointing, device)
+        batches = make_batches(shape, batch, seq, device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base_mem = torch.cuda.memory_allocated()
+        method = METHODS[name](model, K, **method_kw)
+        result = timed_steps(model, method, batches, steps, warmup, device)
+        row.update(result, status="ok", tokens_per_s=batch * seq / result["step_s_mean"])
+        if device == "cuda":
+            row.update(peak_mem_GiB=torch.cuda.max_memory_allocated() / 2**30, model_GiB=base_mem / 2**30)
+    except torch.cuda.OutOfMemoryError:
+        row.update(status="OOM")
+    except ImportError as exc:
+        row.update(status=f"unavailable: {exc}")
+    finally:
+        del model, method
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def print_table(rows: List[dict], keys: List[str]) -> None:
+    widths = [max(len(k), 10) for k in keys]
+    print("  ".join(k.rjust(w) for k, w in zip(keys, widths)))
+    for r in rows:
+        cells = []
+        for k, w in zip(keys, widths):
+            v = r.get(k)
+            cells.append((f"{v:.4g}" if isinstance(v, float) else str(v)).rjust(w))
+        print("  ".join(cells))
+
+
+# ----------------------------------------------------------------------------------- experiments
+def run_quick(args, device) -> dict:
+    """Step time with block 0, middle and top fixed active: the official badam against this package."""
+    layers = SHAPES[args.shape]["num_hidden_layers"]
+    blocks = [0, layers // 2, layers - 1]
+    batch, seq = args.batch or SHAPES[args.shape]["batch"], args.seq or SHAPES[args.shape]["seq"]
+    rows = []
+    for block in blocks:
+        for name in ("badam_official", "ours"):
+            row = measure(args.shape, name, True, batch, seq, args.steps, args.warmup, K=10_000,
+                          device=device, start_block=block)
+            rows.append(row)
+            print_table([row], ["method", "start_block", "step_s_median", "forward_ms", "backward_ms",
+                                "optimizer_ms", "peak_mem_GiB", "status"])
+    speedups = {}
+    for block in blocks:
+        ours = next(r for r in rows if r["method"] == "ours" and r["start_block"] == block)
+        theirs = next(r for r in rows if r["method"] == "badam_official" and r["start_block"] == block)
+        if ours.get("status") == theirs.get("status") == "ok":
+            speedups[str(block)] = theirs["step_s_median"] / ours["step_s_median"]
+    print("speed-up over official badam by active block:", {k: round(v, 2) for k, v in speedups.items()})
+    return {"experiment": "quick_blocks", "shape": args.shape, "rows": rows, "speedup_by_block": speedups}
+
+
+def run_full(args, device) -> dict:
+    layers = SHAPES[args.shape]["num_hidden_layers"]
+    batch, seq = args.batch or SHAPES[args.shape]["batch"], args.seq or SHAPES[args.shape]["seq"]
+    K = args.switch_every
+    steps = layers * K  # one block epoch, every block K steps (after the first partial block, below)
+    rows = []
+    for checkpointing in ([True, False] if args.both_checkpointing else [True]):
+        for name in args.methods:
+            row = measure(args.shape, name, checkpointing, batch, seq, steps, warmup=K - 1, K=K, device=device)
+            rows.append(row)
+            print_table([row], ["method", "checkpointing", "tokens_per_s", "step_s_mean", "forward_ms",
+                                "backward_ms", "optimizer_ms", "switch_ms", "peak_mem_GiB", "loss_last", "status"])
+    return {"experiment": "block_epoch", "shape": args.shape, "switch_every": K, "rows": rows}
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in payload["rows"] if r.get("status") == "ok"]
+    if payload["experiment"] == "quick_blocks":
+        fig, ax = plt.subplots(figsize=(7, 4))
+        blocks = sorted({r["start_block"] for r in rows})
+        for offset, name in ((-0.2, "badam_official"), (0.2, "ours")):
+            ys = [next((r["step_s_median"] for r in rows if r["method"] == name and r["start_block"] == b), 0)
+                  for b in blocks]
+            ax.bar([i + offset for i in range(len(blocks))], ys, width=0.4, label=name)
+        ax.set_xticks(range(len(blocks)), [f"block {b}" for b in blocks])
+        ax.set_ylabel("step time (s)")
+        ax.set_title(f"{payload['shape']} Llama, batch {rows[0]['batch']}x{rows[0]['seq']}, checkpointing on")
+    else:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        labels = [f"{r['method']}{'' if r['checkpointing'] else ' (no ckpt)'}" for r in rows]
+        ax1.barh(labels, [r["tokens_per_s"] for r in rows])
+        ax1.set_xlabel("tokens/s over a block epoch")
+        ax2.barh(labels, [r.get("peak_mem_GiB", 0.0) for r in rows])
+        ax2.set_xlabel("peak memory (GiB)")
+        fig.suptitle(f"{payload['shape']} Llama")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="block 0 / middle / top step times, badam vs ours")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--methods", nargs="+", default=["ours", "ours_fused_ce", "ours_lowmem", "ours_offload",
+                                                         "badam_official", "adamw_fused", "lora_r8", "galore", "lomo"],
+                        choices=sorted(METHODS))
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per quick measurement")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--switch-every", type=int, default=2, help="steps per block in the block epoch")
+    parser.add_argument("--both-checkpointing", action="store_true", help="also run with checkpointing off")
+    parser.add_argument("--tag", default="", help="suffix of the result file names")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    payload = run_quick(args, device) if args.quick else run_full(args, device)
+    stem = f"e2e_{'quick' if args.quick else 'epoch'}_{args.shape}{args.tag}"
+    json_path = write_json(stem, payload)
+    plot(payload, result_path(stem, "png"))
+    print(f"wrote {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""What every benchmark shares: the device record, timing, and writing JSON + PNG to results/."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_record() -> dict:
+    """Device name and the versions that shaped the numbers."""
+    record = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+    for module in ("triton", "transformers", "peft", "badam"):
+        try:
+            record[module] = __import__(module).__version__
+        except Exception:  # not installed there
+            record[module] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        record.update(name=props.name, sms=props.multi_processor_count, mem_gib=props.total_memory / 2**30)
+    else:
+        record["name"] = "cpu"
+    return record
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def result_path(stem: str, suffix: str) -> Path:
+    """benchmarks/results/<stem>_<device>_<date>.<suffix>"""
+    name = device_record()["name"].replace("NVIDIA ", "").split()[0].lower()
+    date = _dt.date.today().isoformat()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return RESULTS / f"{stem}_{name}_{date}.{suffix}"
+
+
+def write_json(stem: str, payload: dict) -> Path:
+    path = result_path(stem, "json")
+    full = {"device": device_record(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
+            "command": command_line(), **payload}
+    path.write_text(json.dumps(full, indent=1, default=str))
+    return path
+
+
+def median(values):
+    values = sorted(values)
+    n = len(values)
+    if n == 0:
+        return float("nan")
+    return values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
