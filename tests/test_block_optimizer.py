@@ -267,3 +267,18 @@ def test_step_without_backward_is_an_error():
         p.grad = None
     with pytest.raises(RuntimeError, match="no gradient"):
         opt.step()
+
+
+def test_memory_report_counts_each_category():
+    from badam_kernels.memory import memory_report
+
+    model, opt = make(BlockOptimizer, torch.bfloat16, switch_block_every=2, switch_mode="ascending",
+                      state_policy="offload")
+    train(model, opt, 5)  # blocks 0, 1 parked; block 2 active
+    report = memory_report(opt, model)
+    (group,) = opt.groups
+    numel = group.numel
+    assert report["weights"] == sum(p.numel() * 2 for p in model.parameters())
+    assert report["master"] == 4 * numel and report["moments"] == 8 * numel and report["grads"] == 2 * numel
+    parked = sum(opt.park.host[key]["master"].numel() for key in opt.park.host)
+    assert report["host_parked"] == 12 * parked + 4 * len(opt.park.host)
