@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: install the carried wheels, build the CUDA extension, run the GPU
+# tests and the benchmarks named in $BENCH (default: all), and pack the results into $OUT.
+#   run(command="bash benchmarks/device_run.sh", carry=[".whl"])
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+t0=$(date +%s)
+MAX_JOBS=16 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; }
+echo "build: $(( $(date +%s) - t0 )) s"
+python3 -c "import badam_kernels.ops as o; print(o.backend_report())"
+BENCH=${BENCH:-"tests step e2e_quick"}
+for b in $BENCH; do
+  t0=$(date +%s)
+  case $b in
+    tests) python3 -m pytest -m gpu -q -p no:cacheprovider ${TESTS:-tests/} > "$OUT/gpu_tests.log" 2>&1; tail -15 "$OUT/gpu_tests.log" ;;
+    step) python3 benchmarks/bench_step.py ${STEP_ARGS:-} 2>&1 | tail -40 ;;
+    e2e_quick) python3 benchmarks/bench_e2e.py --quick 2>&1 | grep -v "^Parameters with" | tail -30 ;;
+    e2e_1b) python3 benchmarks/bench_e2e.py --shape 1b ${E2E_ARGS:-} 2>&1 | grep -v "^Parameters with" | tail -40 ;;
+    e2e_8b) python3 benchmarks/bench_e2e.py --shape 8b ${E2E_ARGS:-} 2>&1 | grep -v "^Parameters with" | tail -40 ;;
+    switch) python3 benchmarks/bench_switch.py 2>&1 | tail -30 ;;
+    *) echo "unknown benchmark $b" ;;
+  esac
+  echo "== $b: $(( $(date +%s) - t0 )) s"
+done
+tar cf "$OUT/results.tar" benchmarks/results
