@@ -324,8 +324,9 @@ def plot(payload: dict, path: Path) -> None:
             ys = [next((r["step_s_median"] for r in rows if r["method"] == name and r["start_block"] == b), 0)
                   for b in blocks]
             ax.bar([i + offset for i in range(len(blocks))], ys, width=0.4, label=name)
-        ax.set_xticks(range(len(blocks)), [f"block {b}" for b in blocks])
-        ax.set_ylabel("step time (s)")
+        ax.set_xticks(range(len(blocks)), [f"block {b} active" for b in blocks])
+        ax.set_ylabel("step time (s), lower is better")
+        ax.legend()
         ax.set_title(f"{payload['shape']} Llama, batch {rows[0]['batch']}x{rows[0]['seq']}, checkpointing on")
     else:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -353,7 +354,13 @@ def main(argv=None) -> int:
     parser.add_argument("--switch-every", type=int, default=2, help="steps per block in the block epoch")
     parser.add_argument("--both-checkpointing", action="store_true", help="also run with checkpointing off")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument("--replot", type=Path, help="redraw the PNG of a result JSON and exit")
     args = parser.parse_args(argv)
+    if args.replot:
+        import json
+
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     payload = run_quick(args, device) if args.quick else run_full(args, device)
     stem = f"e2e_{'quick' if args.quick else 'epoch'}_{args.shape}{args.tag}"

@@ -398,7 +398,8 @@ def test_stochastic_rounding_is_unbiased(cuda, offset):
     # and it is not round-to-nearest: an element rounds away from its nearest neighbour w.p. min(p, 1-p)
     nearest = x.to(BF16).double()
     away = (r != nearest).double().mean().item()
-    expected = torch.minimum(up - x64, x64 - down).div(up - down).mean().item()
+    # distances in magnitude: for negative values `down` and `up` lie on the other side of x
+    expected = torch.minimum((up - x64).abs(), (x64 - down).abs()).div((up - down).abs()).mean().item()
     assert abs(away - expected) < 5 * math.sqrt(expected * (1 - expected) / n), (away, expected)
 
 
