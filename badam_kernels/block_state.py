@@ -1,9 +1,10 @@
 """The active block's parameters, gradients and optimizer states, in flat buffers.
 
 While a block is active its parameters of one dtype live in one contiguous buffer (the model's
-``nn.Parameter`` objects become views of it), their gradients in a second buffer (``.grad`` are
-views of it, so backward accumulates straight into it), and the fp32 master copy and Adam moments
-in three more. A fused step is then a plain 1-D sweep over five buffers in one launch. Tensors that
+``nn.Parameter`` objects become views of it), their gradients in a second buffer at step time (the
+``.grad`` then become views of it, so further accumulation goes straight into it; it is freed by
+``zero_grad()``, so it takes no room during the next forward, when activations peak), and the fp32
+master copy and Adam moments in three more. A fused step is then a plain 1-D sweep over five buffers in one launch. Tensors that
 take weight decay come first, so the decay mask is a single split point. Offsets are padded to
 ``ALIGN`` elements so that every view starts on a 128-byte boundary.
 
@@ -38,6 +39,30 @@ class Entry:
     decay: bool
 
 
+def layout(entries: Sequence[Entry]):
+    """Order (decayed tensors first), offsets, padded length and decay split of a flat group."""
+    ordered = sorted(entries, key=lambda e: (not e.decay, e.index))
+    offsets, total, decay_numel = [], 0, 0
+    for e in ordered:
+        offsets.append(total)
+        total += _aligned(e.param.numel())
+        if e.decay:
+            decay_numel = total
+    return ordered, offsets, total, decay_numel
+
+
+def state_specs(dtype: torch.dtype, numel: int, *, keep_master: bool, with_moments: bool,
+                state_dtype: torch.dtype) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of each state buffer of a flat group (what ``state_tensors`` returns)."""
+    specs = {}
+    if keep_master and dtype != torch.float32:
+        specs["master"] = ((numel,), torch.float32)
+    if with_moments:
+        specs["exp_avg"] = specs["exp_avg_sq"] = ((numel,), state_dtype)
+    specs["step"] = ((1,), torch.float32)
+    return specs
+
+
 class FlatGroup:
     """The active block's parameters of one dtype and device, with their flat state buffers.
 
@@ -48,30 +73,24 @@ class FlatGroup:
 
     def __init__(self, entries: Sequence[Entry], *, keep_master: bool, with_moments: bool,
                  state_dtype: torch.dtype = torch.float32):
-        self.entries = sorted(entries, key=lambda e: (not e.decay, e.index))
+        self.entries, self.offsets, total, self.decay_numel = layout(entries)
         first = self.entries[0].param
         self.dtype, self.device = first.dtype, first.device
-        self.offsets, total, self.decay_numel = [], 0, 0
-        for e in self.entries:
-            self.offsets.append(total)
-            total += _aligned(e.param.numel())
-            if e.decay:
-                self.decay_numel = total
         self.numel = total
-        self.param = torch.zeros(total, dtype=self.dtype, device=self.device)
+        self.padded = total != sum(e.param.numel() for e in self.entries)
+        new = torch.zeros if self.padded else torch.empty  # padding holds zeros in every buffer
+        self.param = new(total, dtype=self.dtype, device=self.device)
         with torch.no_grad():
             for e, view in zip(self.entries, self._views(self.param)):
                 view.copy_(e.param.data)
                 e.param.data = view  # the model's parameter now lives in the flat buffer
-        self.grad = torch.zeros(total, dtype=self.dtype, device=self.device)
-        self.bind_grads()
-        low_precision = self.dtype != torch.float32
-        self.master = torch.empty(total, dtype=torch.float32, device=self.device) \
-            if keep_master and low_precision else None
-        self.exp_avg = self.exp_avg_sq = None
-        if with_moments:
-            self.exp_avg = torch.empty(total, dtype=state_dtype, device=self.device)
-            self.exp_avg_sq = torch.empty(total, dtype=state_dtype, device=self.device)
+        self.grad: Optional[Tensor] = None  # allocated when the step gathers the gradients
+        specs = state_specs(self.dtype, total, keep_master=keep_master, with_moments=with_moments,
+                            state_dtype=state_dtype)
+        self.master = self.exp_avg = self.exp_avg_sq = None
+        for name, (shape, dtype) in specs.items():
+            if name != "step":
+                setattr(self, name, new(shape, dtype=dtype, device=self.device))
         self.step = torch.zeros(1, dtype=torch.float32, device=self.device)
 
     # -- views ------------------------------------------------------------------------------------
@@ -87,30 +106,42 @@ class FlatGroup:
         return [e.param for e in self.entries]
 
     # -- gradients --------------------------------------------------------------------------------
-    def bind_grads(self) -> None:
+    def _bind_grads(self) -> None:
         for e, view in zip(self.entries, self._views(self.grad)):
             e.param.grad = view
 
     def collect_grads(self) -> List[str]:
         """Make the grad buffer hold every gradient; return the names of parameters that have none.
 
-        Gradients stay views of the buffer unless something replaced them (``model.zero_grad()``
-        sets them to None and autograd then allocates fresh ones): those are copied in.
+        Gradients that are already views of the buffer (accumulated since the last step) stay; fresh
+        ones from autograd are copied in, and the parameters' ``.grad`` become views of the buffer.
         """
+        if self.grad is None:
+            new = torch.zeros if self.padded else torch.empty  # padding must hold zero gradients
+            self.grad = new(self.numel, dtype=self.dtype, device=self.device)
         missing = []
-        views = self._views(self.grad)
-        for e, view in zip(self.entries, views):
+        for e, view in zip(self.entries, self._views(self.grad)):
             g = e.param.grad
             if g is None:
                 missing.append(e.name)
             elif g.data_ptr() != view.data_ptr():
                 view.copy_(g)
+        if not missing:
+            self._bind_grads()
         return missing
 
-    def zero_grads(self) -> None:
-        """One memset for the whole block; the gradients stay views of the buffer."""
-        self.grad.zero_()
-        self.bind_grads()
+    def zero_grads(self, set_to_none: bool = True) -> None:
+        """Free the gradients (``set_to_none``) or zero them in one memset."""
+        if set_to_none:
+            for e in self.entries:
+                e.param.grad = None
+            self.grad = None
+        elif self.grad is not None:
+            self.grad.zero_()
+        else:
+            for e in self.entries:
+                if e.param.grad is not None:
+                    e.param.grad.zero_()
 
     def release(self) -> None:
         """The block goes inactive: its gradients are dropped (the parameters keep their storage)."""
@@ -173,6 +204,11 @@ class StatePark:
     def nbytes(self) -> int:
         """Host bytes held (buffers stay allocated for reuse after their block returns)."""
         return sum(t.numel() * t.element_size() for states in self.host.values() for t in states.values())
+
+    def reserve(self, key: Key, specs: Dict[str, Tuple[Tuple[int, ...], torch.dtype]]) -> None:
+        """Allocate the pinned host buffers of ``key`` now, so that no switch waits for the allocation."""
+        self.host[key] = {name: torch.empty(shape, dtype=dtype, device="cpu", pin_memory=True)
+                          for name, (shape, dtype) in specs.items()}
 
     def _side_stream(self, device: torch.device):
         if self._stream is None:

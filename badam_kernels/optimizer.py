@@ -28,7 +28,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import ops
-from .block_state import Entry, FlatGroup, StatePark
+from .block_state import Entry, FlatGroup, StatePark, layout, state_specs
 from .partition import Partition, build_partition, decays, infer_block_prefixes
 from .schedule import BlockSchedule
 
@@ -66,7 +66,9 @@ class BlockOptimizer(Optimizer):
         log_fn: called with that message instead of ``print``.
     Keyword-only additions:
         state_policy: ``reset`` (fresh states at each switch) or ``offload`` (states of inactive
-            blocks parked in pinned host memory and prefetched before the block returns).
+            blocks parked in pinned host memory and prefetched before the block returns; on CUDA the
+            host buffers of every block are pinned when the optimizer is built, 12 bytes per
+            parameter with fp32 master and moments).
         backend: ``reference``, ``triton``, ``cuda`` or None (fastest available; also the
             ``BADAM_KERNELS_BACKEND`` environment variable).
         master_weights: keep an fp32 master copy of low-precision parameters (False: bf16 params
@@ -147,6 +149,8 @@ class BlockOptimizer(Optimizer):
         super().__init__(base_optimizer.param_groups, base_optimizer.defaults)
         if self.fused:
             self._step_supports_amp_scaling = True  # GradScaler hands us grad_scale and found_inf
+        if state_policy == "offload":
+            self._reserve_host_buffers()
         self._activate(self.schedule.active)
 
     # ---------------------------------------------------------------- public state
@@ -175,19 +179,34 @@ class BlockOptimizer(Optimizer):
         elif self.verbose >= 1:
             print(message)
 
+    def _block_entries(self, block: int) -> List[List[Entry]]:
+        """The block's parameters, grouped by dtype and device (one flat group each)."""
+        entries: Dict[Tuple[torch.dtype, torch.device], List[Entry]] = defaultdict(list)
+        for i in self.partition.active_indices(block):
+            name, param = self.named_parameters_list[i]
+            entries[(param.dtype, param.device)].append(Entry(i, name, param, decays(name, param)))
+        return list(entries.values())
+
+    def _reserve_host_buffers(self) -> None:
+        """``offload`` on CUDA: pin every block's host buffers up front (pinning is slow; a switch must not wait)."""
+        for block in range(self.num_blocks):
+            for gi, group_entries in enumerate(self._block_entries(block)):
+                if group_entries[0].param.device.type != "cuda":
+                    continue
+                numel = layout(group_entries)[2]
+                self.park.reserve((block, gi), state_specs(group_entries[0].param.dtype, numel,
+                                                           keep_master=self.master_weights, with_moments=self.fused,
+                                                           state_dtype=self.state_dtype))
+
     def _activate(self, block: int, saved: Optional[dict] = None) -> None:
         """Make ``block`` trainable: freeze the rest, flatten its parameters, set up its states."""
         active = set(self.partition.active_indices(block))
-        entries: Dict[Tuple[torch.dtype, torch.device], List[Entry]] = defaultdict(list)
         for i, (name, param) in enumerate(self.named_parameters_list):
-            if i in active:
-                param.requires_grad_(True)
-                entries[(param.dtype, param.device)].append(Entry(i, name, param, decays(name, param)))
-            else:
-                param.requires_grad_(False)
+            param.requires_grad_(i in active)
+            if i not in active:
                 param.grad = None
         self.groups = [FlatGroup(group_entries, keep_master=self.master_weights, with_moments=self.fused,
-                                 state_dtype=self.state_dtype) for group_entries in entries.values()]
+                                 state_dtype=self.state_dtype) for group_entries in self._block_entries(block)]
         if self.fused:  # a forced backend that cannot run here fails now, with its reason
             for group in self.groups:
                 ops.resolve_backend(self.backend, group.device)
@@ -322,12 +341,9 @@ class BlockOptimizer(Optimizer):
                 self.last_grad_norm = norm
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the active block's gradients in one memset (they stay views of its flat buffer)."""
+        """Free (or zero) the active block's gradients; the other parameters have none."""
         for group in self.groups:
-            group.zero_grads()
-        for group in self.base_optimizer.param_groups if not self.fused else ():
-            for hp in group["params"]:
-                hp.grad = None
+            group.zero_grads(set_to_none)
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:

@@ -275,6 +275,9 @@ def test_memory_report_counts_each_category():
     model, opt = make(BlockOptimizer, torch.bfloat16, switch_block_every=2, switch_mode="ascending",
                       state_policy="offload")
     train(model, opt, 5)  # blocks 0, 1 parked; block 2 active
+    assert memory_report(opt, model)["grads"] == 0  # zero_grad freed them
+    lm_loss(model, batches(1)[0]).backward()
+    opt.step()  # the gradients now sit in the block's flat buffer
     report = memory_report(opt, model)
     (group,) = opt.groups
     numel = group.numel
