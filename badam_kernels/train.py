@@ -1,0 +1,580 @@
+"""The training loop behind ``badam-finetune``, usable from Python: ``train(TrainConfig(...))``.
+
+It uses the package only through its public API, so it doubles as the reference loop to copy::
+
+    optimizer = BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=lr), list(model.named_parameters()),
+                               switch_block_every=k, ...)
+    truncate_backward(model)
+    for step in range(steps):
+        loss = model(**batch(step)).loss
+        loss.backward()
+        optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
+
+A run folder holds ``config.json`` (the resolved configuration), ``metrics.jsonl`` (one line per
+step), ``loss.png``, ``summary.json`` and ``checkpoint/``: a Hugging Face model folder
+(``config.json``, ``model.safetensors``, the tokenizer when there is one) plus ``optimizer.pt``
+(``optimizer.state_dict()``) and ``trainer_state.pt`` (step, data position, RNG states, LR
+scheduler). ``TrainConfig(resume=run_dir)`` continues such a run exactly: the batch of a step depends
+only on the seed and the step index, and every other state is restored, so N steps in one go and
+N/2 + N/2 resumed give the same weights bit for bit on the CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import __version__
+from .data import ByteTokenizer, DataError, build_batches
+from .plots import plot_loss, read_metrics
+
+SWITCH_MODES = ("descending", "ascending", "random", "fixed")
+STATE_POLICIES = ("reset", "offload")
+BACKENDS = ("auto", "reference", "triton", "cuda")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DEVICES = ("auto", "cpu", "cuda")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "trainer_state.pt")
+
+# Defaults that depend on the job: the embedded tiny model learns from scratch (large steps, embedding
+# and lm_head trained too); a pretrained --model is fine-tuned (small steps, layers only, as in BAdam).
+EMBEDDED_DEFAULTS = dict(batch_size=16, seq_len=128, lr=2e-3, switch_every=20, include_embedding=True,
+                         include_lm_head=True, active_modules=[])
+PRETRAINED_DEFAULTS = dict(batch_size=8, seq_len=512, lr=1e-5, switch_every=50, include_embedding=False,
+                           include_lm_head=False, active_modules=[])
+EMBEDDED_DATA_STEPS = 400  # steps on the shipped text; a --data file gets one pass by default
+
+# Options a resumed run may change; every other one is the saved run's.
+RESUME_MAY_CHANGE = ("steps", "out", "resume", "log_every", "save_every", "backend", "progress", "device")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which option and why."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. ``None`` means: the default for this job (see the module constants)."""
+
+    model: Optional[str] = None  # a local Hugging Face folder or a .gguf file; None: the embedded tiny Llama
+    data: Optional[str] = None  # .jsonl instruction/response pairs or a text file; None: the shipped Shakespeare
+    steps: Optional[int] = None  # steps to run now (on resume: more steps; None: to the saved target)
+    batch_size: Optional[int] = None
+    seq_len: Optional[int] = None
+    lr: Optional[float] = None
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warm-up of the learning rate, then constant
+    max_grad_norm: float = 1.0  # 0: no clipping
+    switch_every: Optional[int] = None  # steps per block
+    switch_mode: str = "descending"
+    start_block: Optional[int] = None
+    include_embedding: Optional[bool] = None
+    include_lm_head: Optional[bool] = None
+    active_modules: Optional[List[str]] = None  # name prefixes trained with every block
+    state_policy: str = "reset"
+    backend: str = "auto"
+    grad_checkpointing: bool = False
+    seed: int = 0
+    dtype: Optional[str] = None  # bf16 on a GPU, fp32 on the CPU
+    device: str = "auto"
+    out: Optional[str] = None  # run folder; None: runs/<timestamp>/
+    resume: Optional[str] = None  # a run folder to continue
+    log_every: int = 50  # a log line every this many steps
+    save_every: int = 0  # also checkpoint every this many steps (0: only at the end)
+    progress: bool = True  # the tqdm bar
+
+
+# ------------------------------------------------------------------------------------ configuration
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject values that cannot work, naming the option."""
+    for name in ("steps", "batch_size", "seq_len", "switch_every", "log_every"):
+        value = getattr(cfg, name)
+        _require(value is None or (isinstance(value, int) and value > 0),
+                 f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    for name in ("warmup_steps", "save_every", "seed"):
+        value = getattr(cfg, name)
+        _require(isinstance(value, int) and value >= 0,
+                 f"--{name.replace('_', '-')} must be a non-negative integer, got {value!r}")
+    _require(cfg.start_block is None or (isinstance(cfg.start_block, int) and cfg.start_block >= 0),
+             f"--start-block must be a non-negative integer, got {cfg.start_block!r}")
+    _require(cfg.lr is None or (math.isfinite(cfg.lr) and cfg.lr > 0), f"--lr must be positive, got {cfg.lr!r}")
+    _require(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
+             f"--weight-decay must be non-negative, got {cfg.weight_decay!r}")
+    _require(math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0,
+             f"--max-grad-norm must be non-negative (0: no clipping), got {cfg.max_grad_norm!r}")
+    _require(cfg.switch_mode in SWITCH_MODES, f"--switch-mode must be one of {', '.join(SWITCH_MODES)}")
+    _require(cfg.switch_mode != "fixed" or cfg.start_block is not None,
+             "--switch-mode fixed needs --start-block (the block to train)")
+    _require(cfg.state_policy in STATE_POLICIES, f"--state-policy must be one of {', '.join(STATE_POLICIES)}")
+    _require(cfg.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}")
+    _require(cfg.dtype is None or cfg.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")
+    _require(cfg.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
+    if cfg.model is not None:
+        _require(os.path.exists(cfg.model), f"model not found: {cfg.model} (give a local Hugging Face "
+                 "model folder or a .gguf file; nothing is downloaded)")
+        _require(os.path.isdir(cfg.model) or cfg.model.lower().endswith(".gguf"),
+                 f"--model {cfg.model}: a model file must be a .gguf file (or give a model folder)")
+        _require(not os.path.isdir(cfg.model) or os.path.isfile(os.path.join(cfg.model, "config.json")),
+                 f"--model {cfg.model}: no config.json, not a Hugging Face model folder")
+    if cfg.data is not None:
+        _require(os.path.exists(cfg.data), f"data file not found: {cfg.data}")
+        _require(os.path.isfile(cfg.data), f"--data {cfg.data}: not a file")
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill in the job-dependent defaults (not ``steps``: that needs the data) and absolutise paths."""
+    validate(cfg)
+    defaults = EMBEDDED_DEFAULTS if cfg.model is None else PRETRAINED_DEFAULTS
+    changes = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
+    for name in ("model", "data"):
+        if getattr(cfg, name) is not None:
+            changes[name] = os.path.abspath(getattr(cfg, name))
+    return dataclasses.replace(cfg, **changes)
+
+
+def _config_for_resume(cfg: TrainConfig, given: Optional[set]) -> TrainConfig:
+    """The saved run's configuration, with the options that may change taken from ``cfg``.
+
+    ``given`` names the options the user set explicitly (the CLI knows); from Python, any field that
+    differs from the TrainConfig default counts as given.
+    """
+    run_dir = cfg.resume
+    _require(os.path.isdir(run_dir), f"--resume {run_dir}: no such run folder")
+    ckpt = os.path.join(run_dir, "checkpoint")
+    _require(os.path.isfile(os.path.join(run_dir, "config.json")), f"--resume {run_dir}: no config.json, not a run folder")
+    for name in CHECKPOINT_FILES:
+        _require(os.path.isfile(os.path.join(ckpt, name)),
+                 f"--resume {run_dir}: no checkpoint/{name}, the run has no complete checkpoint")
+    try:
+        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        saved_cfg = TrainConfig(**{k: v for k, v in saved.items() if k in _field_names()})
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"--resume {run_dir}: unreadable config.json ({exc})") from None
+    if given is None:
+        default = TrainConfig()
+        given = {f for f in _field_names() if getattr(cfg, f) != getattr(default, f)}
+    for name in sorted(given - set(RESUME_MAY_CHANGE)):
+        mine, theirs = getattr(cfg, name), getattr(saved_cfg, name)
+        if name in ("model", "data") and mine is not None:
+            mine = os.path.abspath(mine)
+        _require(mine == theirs, f"--{name.replace('_', '-')} cannot change on --resume "
+                 f"(the run used {theirs!r}, got {mine!r})")
+    changes = {name: getattr(cfg, name) for name in RESUME_MAY_CHANGE if name in given}
+    changes["resume"] = run_dir
+    changes.setdefault("steps", None)  # not given: run up to the step the saved run was heading to
+    changes.setdefault("out", None)  # not given: write into the resumed folder (wherever it is now)
+    return dataclasses.replace(saved_cfg, **changes)
+
+
+def _field_names() -> List[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _require(name != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------------------ model
+
+def default_model_config():
+    """The embedded model: a tiny Llama over bytes (vocabulary 256, 6 layers, 3.6M parameters)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=256, hidden_size=192, intermediate_size=768, num_hidden_layers=6,
+                       num_attention_heads=4, num_key_value_heads=4, head_dim=48,
+                       max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       tie_word_embeddings=False, bos_token_id=None, eos_token_id=0, pad_token_id=None,
+                       attention_dropout=0.0, use_cache=False)
+
+
+def load_model(cfg: TrainConfig, dtype: torch.dtype):
+    """(model, tokenizer, description) on the CPU.
+
+    The embedded model is initialised from ``cfg.seed``. A model folder gets its own tokenizer when it
+    has tokenizer files, else the byte tokenizer (ids are bytes; needs a vocabulary of at least 256);
+    a GGUF file gets the tokenizer stored in it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    if cfg.model is None:
+        torch.manual_seed(cfg.seed)
+        model = LlamaForCausalLM(default_model_config()).to(dtype)
+        return model, ByteTokenizer(), "embedded tiny Llama (bytes)"
+    path = cfg.model
+    folder, extra = (path, {}) if os.path.isdir(path) else (os.path.dirname(path) or ".",
+                                                            {"gguf_file": os.path.basename(path)})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
+    except Exception as exc:  # transformers raises many kinds; all mean the same to the user
+        raise ConfigError(f"could not load the model from {path}: {_one_line(exc)}") from None
+    if extra or any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+        except Exception as exc:
+            raise ConfigError(f"could not load the tokenizer from {path}: {_one_line(exc)}") from None
+    else:
+        tokenizer = ByteTokenizer()
+    vocab = model.get_input_embeddings().num_embeddings
+    _require(len(tokenizer) <= vocab, f"--model {path}: the tokenizer has {len(tokenizer)} tokens but the "
+             f"model's embedding only {vocab}" + ("" if not isinstance(tokenizer, ByteTokenizer)
+                                                   else " (no tokenizer files: bytes are used as tokens)"))
+    return model, tokenizer, f"{type(model).__name__} from {path}"
+
+
+def save_weights(model: torch.nn.Module, path: str) -> None:
+    """The model's weights as safetensors, one copy of each tied tensor (Hugging Face's file layout).
+
+    ``safetensors.torch.save_model`` refuses tensors that are views into a larger buffer, which the
+    active block's parameters are (the optimizer keeps them in one flat buffer), so the tensors are
+    copied out and tied duplicates dropped here (the first name is kept, as ``save_pretrained`` does).
+    """
+    from safetensors.torch import save_file
+
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Load ``save_weights``' file into a model whose parameters are not yet in the optimizer's buffers."""
+    from safetensors.torch import load_model as st_load_model
+
+    try:
+        missing, unexpected = st_load_model(model, path, strict=False)
+    except RuntimeError as exc:
+        raise ConfigError(f"the checkpoint {path} does not fit this model: {_one_line(exc)}") from None
+    if missing or unexpected:
+        raise ConfigError(f"the checkpoint {path} is from another model: missing {_few(missing)}, "
+                          f"unexpected {_few(unexpected)}")
+
+
+def _few(names) -> str:
+    names = sorted(names)
+    return f"{len(names)} tensors" + (f" ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})" if names else "")
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------------ run folder
+
+def _check_out(cfg: TrainConfig) -> None:
+    """Refuse, before any work, to write into a folder that holds another run (nothing is overwritten)."""
+    out = cfg.out
+    if out is None or not os.path.exists(out):
+        return
+    if cfg.resume is not None and os.path.abspath(out) == os.path.abspath(cfg.resume):
+        return
+    _require(os.path.isdir(out), f"--out {out}: exists and is not a folder")
+    _require(not os.path.exists(os.path.join(out, "metrics.jsonl")),
+             f"--out {out} already holds a run; continue it with --resume {out} or choose another --out")
+
+
+def _new_run_dir(out: Optional[str]) -> str:
+    if out is None:
+        base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        out, n = base, 1
+        while os.path.exists(out):
+            n += 1
+            out = f"{base}-{n}"
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: allocated CUDA memory on a GPU, the process' peak resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str, model, tokenizer, optimizer, scheduler, trainer_state: dict) -> str:
+    """Write ``run_dir/checkpoint`` whole or not at all (written aside, then renamed into place)."""
+    final = os.path.join(run_dir, "checkpoint")
+    tmp, old = final + ".tmp", final + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if hasattr(model, "config"):
+        model.config.save_pretrained(tmp)
+    save_weights(model, os.path.join(tmp, "model.safetensors"))
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save({**trainer_state, "scheduler": scheduler.state_dict()}, os.path.join(tmp, "trainer_state.pt"))
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+class _StopFlag:
+    """Ctrl-C asks the loop to stop after the current step and save (a second Ctrl-C interrupts at once)."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = None
+
+    def __enter__(self):
+        if hasattr(signal, "SIGINT") and _in_main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ------------------------------------------------------------------------------------ train
+
+def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[str, Any]:
+    """Run (or resume) a job; returns a summary dict (also written to ``summary.json``).
+
+    ``given``: the option names set explicitly (only matters with ``resume``); ``log``: where the
+    text lines go (``print`` by default).
+    """
+    from . import BlockOptimizer, find_layer_stack, truncate_backward
+
+    if config.resume is not None:
+        config = _config_for_resume(config, given)
+    cfg = resolve(config)
+    _check_out(cfg)
+    device = pick_device(cfg.device)
+    dtype_name = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    cfg = dataclasses.replace(cfg, dtype=dtype_name)
+    dtype = DTYPES[dtype_name]
+    backend = None if cfg.backend == "auto" else cfg.backend
+    if backend is not None:
+        from . import ops
+
+        try:
+            ops.resolve_backend(backend, device)
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(f"--backend {backend}: {_one_line(exc)}") from None
+
+    model, tokenizer, model_desc = load_model(cfg, dtype)
+    try:
+        stack = find_layer_stack(model)
+    except ValueError as exc:
+        raise ConfigError(f"--model {cfg.model or '(embedded)'}: {_one_line(exc)}") from None
+    _require(len(stack) > 0, f"--model {cfg.model}: the layer stack is empty, there is nothing to train")
+    batches = build_batches(cfg.data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed)
+
+    ckpt_dir = os.path.join(cfg.resume, "checkpoint") if cfg.resume else None
+    if ckpt_dir:
+        load_weights(model, os.path.join(ckpt_dir, "model.safetensors"))
+        trainer_state = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), weights_only=True)
+        start = int(trainer_state["step"])
+        _require(trainer_state["data_position"] == start * cfg.batch_size,
+                 f"--resume {cfg.resume}: the checkpoint's data position does not match its step")
+        if cfg.steps is not None:
+            target = start + cfg.steps
+        else:
+            target = int(trainer_state["target_step"])
+            _require(target > start, f"--resume {cfg.resume}: the run already reached step {start}; "
+                     "give --steps to train more")
+    else:
+        trainer_state = None
+        start = 0
+        target = cfg.steps or (EMBEDDED_DATA_STEPS if cfg.data is None else batches.steps_per_epoch())
+
+    model.to(device)
+    model.train()
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+    if cfg.grad_checkpointing:
+        _require(getattr(model, "supports_gradient_checkpointing", False),
+                 f"--grad-checkpointing: {type(model).__name__} does not support gradient checkpointing")
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    base = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    try:
+        optimizer = BlockOptimizer(
+            base, list(model.named_parameters()), switch_block_every=cfg.switch_every,
+            start_block=cfg.start_block, switch_mode=cfg.switch_mode,
+            active_modules=cfg.active_modules, include_embedding=cfg.include_embedding,
+            include_lm_head=cfg.include_lm_head, verbose=0,
+            state_policy=cfg.state_policy, backend=backend,
+            max_grad_norm=cfg.max_grad_norm or None, seed=cfg.seed)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(_one_line(exc)) from None
+    truncation = truncate_backward(model)
+    warmup = cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    if ckpt_dir:
+        try:
+            optimizer.load_state_dict(torch.load(os.path.join(ckpt_dir, "optimizer.pt"), weights_only=True))
+        except ValueError as exc:
+            raise ConfigError(f"--resume {cfg.resume}: {_one_line(exc)}") from None
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        _set_rng_state(trainer_state["rng"])
+
+    run_dir = _prepare_run_dir(cfg, start)
+    with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(dataclasses.replace(cfg, out=run_dir)), f, indent=2)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"badam-finetune {__version__}: {model_desc}, {n_params / 1e6:.2f}M parameters, "
+        f"{optimizer.num_blocks} blocks of {cfg.switch_every} steps ({cfg.switch_mode}), "
+        f"{device.type} {dtype_name}")
+    log(f"data: {cfg.data or 'the shipped Shakespeare excerpt'}: {batches.num_examples} examples, "
+        f"batch {cfg.batch_size} x {cfg.seq_len} tokens; steps {start} -> {target}; run folder {run_dir}")
+
+    from tqdm.auto import tqdm
+
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    elapsed = float(trainer_state["elapsed_s"]) if trainer_state else 0.0
+    tokens_seen = tokens_before = int(trainer_state["tokens_seen"]) if trainer_state else 0
+    losses: List[float] = []
+    first_loss = None
+    nonfinite = 0
+    step = start
+    bar = tqdm(total=target, initial=start, desc="badam", unit="step", dynamic_ncols=True,
+               disable=not cfg.progress, file=sys.stderr)
+
+    def say(message: str) -> None:  # a log line that does not tear the progress bar
+        bar.write(message, file=sys.stdout) if cfg.progress else log(message)
+
+    def state_now() -> dict:
+        return {"step": step, "target_step": target, "data_position": step * cfg.batch_size,
+                "epoch": step * cfg.batch_size // batches.num_examples, "elapsed_s": elapsed,
+                "tokens_seen": tokens_seen, "rng": _rng_state(device), "version": __version__}
+
+    run_start = time.perf_counter()
+    with _StopFlag() as stop, open(metrics_path, "a", encoding="utf-8") as metrics:
+        while step < target and not stop.set:
+            t0 = time.perf_counter()
+            batch = batches.batch(step)
+            block = optimizer.active_block
+            lr = optimizer.param_groups[0]["lr"]
+            out = model(input_ids=batch.input_ids.to(device), labels=batch.labels.to(device),
+                        attention_mask=None if batch.attention_mask is None else batch.attention_mask.to(device))
+            out.loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = out.loss.item()
+            del out  # the logits: not kept alive through the next forward
+            grad_norm = None if optimizer.last_grad_norm is None else float(optimizer.last_grad_norm)
+            dt = time.perf_counter() - t0
+            step += 1
+            elapsed += dt
+            tokens_seen += batch.num_tokens
+            peak = peak_memory_mib(device)
+            record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": batch.num_tokens / dt,
+                      "active_block": block, "grad_norm": grad_norm, "peak_mem_mib": round(peak, 1),
+                      "tokens": batch.num_tokens, "elapsed_s": round(elapsed, 4)}
+            metrics.write(json.dumps(record) + "\n")
+            first_loss = loss if first_loss is None else first_loss
+            losses.append(loss)
+            nonfinite += not math.isfinite(loss)
+            bar.set_postfix_str(f"loss {loss:.3f}, {record['tokens_per_s']:,.0f} tok/s, "
+                                f"block {block}/{optimizer.num_blocks}, peak {peak:,.0f} MiB", refresh=False)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == target:
+                metrics.flush()
+                say(f"step {step}/{target}  loss {loss:.4f}  lr {lr:.3g}  block {block}  "
+                    f"{record['tokens_per_s']:,.0f} tok/s  peak {peak:,.0f} MiB")
+            if cfg.save_every and step % cfg.save_every == 0 and step < target:
+                metrics.flush()
+                save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, state_now())
+    bar.close()
+    wall = time.perf_counter() - run_start
+    ckpt = save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, state_now())
+    truncation.remove()
+    records = read_metrics(metrics_path)
+    plot_loss(records, os.path.join(run_dir, "loss.png"),
+              title=f"badam-finetune: {model_desc}, switch every {cfg.switch_every} steps")
+    tail = losses[-10:]
+    summary = {
+        "run_dir": run_dir, "checkpoint": ckpt, "start_step": start, "step": step, "target_step": target,
+        "interrupted": step < target, "first_loss": first_loss, "last_loss": losses[-1] if losses else None,
+        "mean_loss_last_10": sum(tail) / len(tail) if tail else None, "wall_s": round(wall, 2),
+        "tokens_per_s": round((tokens_seen - tokens_before) / wall, 1) if wall else None,
+        "peak_mem_mib": round(peak_memory_mib(device), 1), "num_blocks": optimizer.num_blocks,
+        "device": device.type, "dtype": dtype_name, "nonfinite_steps": nonfinite,
+    }
+    with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    note = f" (interrupted: continue with --resume {run_dir})" if summary["interrupted"] else ""
+    if nonfinite:
+        note += f" ({nonfinite} steps had a non-finite loss and were skipped; try a smaller --lr)"
+    losses_text = f"loss {first_loss:.4f} -> {losses[-1]:.4f}, " if losses else ""
+    log(f"done{note}: step {step}, {losses_text}{wall:.1f} s; checkpoint {ckpt}; "
+        f"plot {os.path.join(run_dir, 'loss.png')}")
+    return summary
+
+
+def _prepare_run_dir(cfg: TrainConfig, start: int) -> str:
+    """The folder to write: a new one, or on resume the old one (or --out, seeded with its history)."""
+    if cfg.resume is None:
+        return _new_run_dir(cfg.out)
+    source = cfg.resume
+    run_dir = source if cfg.out is None or os.path.abspath(cfg.out) == os.path.abspath(source) \
+        else _new_run_dir(cfg.out)
+    old = os.path.join(source, "metrics.jsonl")
+    kept = [r for r in read_metrics(old) if r["step"] <= start] if os.path.isfile(old) else []
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)  # drops steps after the checkpoint, if any
+    return run_dir

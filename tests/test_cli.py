@@ -1,0 +1,193 @@
+"""The ``badam-finetune`` job: the default run, exact resume, the data paths and clean errors.
+
+The CLI is called in-process (``cli.main`` returns the exit status) on tiny settings; one test runs
+``python -m badam_kernels --help`` in a subprocess.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from badam_kernels import cli
+from badam_kernels.data import IGNORE_INDEX, ByteTokenizer, encode_pair
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--seq-len", "32", "--batch-size", "4", "--switch-every", "2", "--no-progress", "--log-every", "100"]
+TEXT = ("Full fathom five thy father lies;\nOf his bones are coral made;\n"
+        "Those are pearls that were his eyes:\nNothing of him that doth fade\n\n") * 20
+
+
+def run_cli(*args):
+    return cli.main([str(a) for a in args])
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def tiny_llama_folder(path, vocab_size=256, layers=2, tokenizer=None):
+    """A randomly initialised Llama saved with save_pretrained (and a tokenizer, if given)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=128, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def offline_tokenizer():
+    """A small word-level Hugging Face tokenizer built here, from the test text (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>", "<pad>"])
+    tok.train_from_iterator([TEXT, "Instruction Response name a sea creature what is coral tell me"], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+
+
+def assert_run_folder(run, steps):
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    for r in records:
+        assert {"step", "loss", "lr", "tokens_per_s", "active_block", "grad_norm", "peak_mem_mib"} <= set(r)
+        assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["peak_mem_mib"] > 0
+    with open(run / "loss.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for name in ("model.safetensors", "optimizer.pt", "trainer_state.pt", "config.json"):
+        assert (run / "checkpoint" / name).is_file()
+    return records
+
+
+def test_default_job_writes_metrics_plot_and_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("--steps", 6, "--out", run, *TINY) == 0
+    records = assert_run_folder(run, 6)
+    assert len({r["active_block"] for r in records}) >= 3  # the blocks took turns
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 6 and not summary["interrupted"]
+    # the checkpoint is a Hugging Face model folder: it can be fine-tuned further with --model
+    assert run_cli("--model", run / "checkpoint", "--steps", 2, "--out", tmp_path / "again", *TINY) == 0
+
+
+def test_resume_mid_run_is_exact(tmp_path):
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    assert run_cli("--steps", 8, "--out", whole, "--warmup-steps", 5, *TINY) == 0
+    assert run_cli("--steps", 4, "--out", halves, "--warmup-steps", 5, *TINY) == 0
+    assert run_cli("--resume", halves, "--steps", 4, "--no-progress") == 0
+    a = load_file(str(whole / "checkpoint" / "model.safetensors"))
+    b = load_file(str(halves / "checkpoint" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert [r["loss"] for r in read_jsonl(whole / "metrics.jsonl")] == \
+           [r["loss"] for r in read_jsonl(halves / "metrics.jsonl")]
+
+
+def test_jsonl_pairs_with_a_local_model_and_its_tokenizer(tmp_path):
+    tok = offline_tokenizer()
+    model = tiny_llama_folder(tmp_path / "model", vocab_size=len(tok), tokenizer=tok)
+    data = tmp_path / "pairs.jsonl"
+    lines = [{"instruction": "name a sea creature", "response": "coral"},
+             {"prompt": "what is coral", "completion": "bones made of pearls"},
+             {"instruction": "tell me", "input": "Full fathom five", "response": "thy father lies"}]
+    data.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    run = tmp_path / "run"
+    assert run_cli("--model", model, "--data", data, "--steps", 3, "--out", run, *TINY) == 0
+    assert_run_folder(run, 3)
+    assert (run / "checkpoint" / "tokenizer.json").is_file()
+
+
+def test_text_data_with_a_model_folder_without_tokenizer_uses_bytes(tmp_path):
+    model = tiny_llama_folder(tmp_path / "model", vocab_size=256)
+    data = tmp_path / "tempest.txt"
+    data.write_text(TEXT)
+    run = tmp_path / "run"
+    assert run_cli("--model", model, "--data", data, "--out", run, *TINY) == 0
+    records = assert_run_folder(run, len(TEXT.encode()) // 32 // 4 - 1 + 1)  # default: one pass
+    assert records[-1]["tokens"] == 4 * 32
+
+
+def test_loss_is_on_response_tokens_only():
+    ids, labels = encode_pair(ByteTokenizer(), "Say hi", "hi", seq_len=1000)
+    assert len(ids) == len(labels)
+    trained = [t for t in labels if t != IGNORE_INDEX]
+    assert bytes(trained[:-1]) == b"hi" and trained[-1] == ByteTokenizer.eos_token_id
+    assert labels[:len(ids) - 3] == [IGNORE_INDEX] * (len(ids) - 3)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def _finished_run(path):
+    path.mkdir()
+    (path / "metrics.jsonl").write_text("")
+    return path
+
+
+def _saved_run(path):
+    assert run_cli("--steps", 2, "--out", path, *TINY) == 0
+    return path
+
+
+BAD_INPUTS = {  # case: (arguments given the test's tmp folder, what the error line must name)
+    "missing data file": (lambda d: ["--data", d / "nope.jsonl"], "not found"),
+    "malformed JSONL line": (lambda d: ["--data", _write(d / "bad.jsonl", '{"instruction": "a", "response": "b"}\n'
+                                                          '{"instruction": "a", "response": \n')], "bad.jsonl:2:"),
+    "JSONL line with unknown keys": (lambda d: ["--data", _write(d / "keys.jsonl", '{"prompt": "a", "completion": "b"}'
+                                                                  '\n\n{"question": "a", "answer": "b"}\n')],
+                                     "keys.jsonl:3:"),
+    "unknown option": (lambda d: ["--frobnicate", "3"], "--frobnicate"),
+    "missing model": (lambda d: ["--model", d / "no-model"], "model not found"),
+    "model without a layer stack": (lambda d: ["--model", tiny_llama_folder(d / "one", layers=1)], "layer stack"),
+    "zero steps": (lambda d: ["--steps", "0"], "--steps"),
+    "negative lr": (lambda d: ["--lr", "-1e-3"], "--lr"),
+    "zero batch size": (lambda d: ["--batch-size", "0"], "--batch-size"),
+    "not a number": (lambda d: ["--seq-len", "many"], "--seq-len"),
+    "unknown switch mode": (lambda d: ["--switch-mode", "sideways"], "--switch-mode"),
+    "resume from a non-run folder": (lambda d: ["--resume", d], "--resume"),
+    "out holds a run": (lambda d: ["--out", _finished_run(d / "finished")], "already holds a run"),
+    "resume with another batch size": (lambda d: ["--resume", _saved_run(d / "run"), "--batch-size", "3"],
+                                       "--batch-size cannot change"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_error_line(case, tmp_path, monkeypatch, capsys):
+    make_args, expected = BAD_INPUTS[case]
+    args = [str(a) for a in make_args(tmp_path)]
+    capsys.readouterr()  # only what the CLI writes counts
+    monkeypatch.chdir(tmp_path)  # should a case not fail, its run folder lands here
+    code = run_cli(*args, *([] if "--steps" in args else ["--steps", "1"]), "--no-progress")
+    err = capsys.readouterr().err
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("badam-finetune: error:"), err
+    assert expected in lines[0] and "Traceback" not in err
+
+
+def test_info_reports_versions_and_backends(capsys):
+    assert run_cli("info") == 0
+    out = capsys.readouterr().out
+    assert "badam-kernels" in out and "torch" in out and "triton" in out and "reference" in out
+
+
+def test_module_entry_point_prints_help():
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "badam_kernels", "--help"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: badam-finetune" in proc.stdout and "--resume" in proc.stdout
