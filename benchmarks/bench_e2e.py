@@ -41,6 +41,7 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, batch=2, seq=64),
 }
 LR = 1e-5
+STEADY_K = 50  # steps per block in typical BAdam runs (badam's default switch_block_every)
 
 
 # ----------------------------------------------------------------------------------- model and data
@@ -52,7 +53,7 @@ def build_model(shape: str, checkpointing: bool, device: str):
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, torch_dtype=dtype)
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
     model.train()
     model.config.use_cache = False
     if checkpointing:
@@ -172,14 +173,23 @@ def _stub_bitsandbytes():
         sys.modules["bitsandbytes.optim.optimizer"].Optimizer2State = object
 
 
+DEFAULT_METHODS = {
+    "1b": ["ours", "ours_fused_ce", "ours_lowmem", "ours_offload", "ours_cuda", "badam_official", "adamw_fused",
+           "lora_r8", "galore", "lomo"],
+    # GaLore's first step takes a full SVD of 224 large matrices (minutes); offload would pin 84 GB of host memory
+    "8b": ["ours", "ours_fused_ce", "ours_lowmem", "badam_official", "adamw_fused", "lora_r8", "lomo"],
+    "tiny": ["ours", "ours_offload", "badam_official", "adamw_fused", "lora_r8", "galore", "lomo"],
+}
+
 METHODS: Dict[str, Callable] = {
     "ours": method_ours,
-    "ours_offload": lambda m, K: method_ours(m, K, policy="offload"),
-    "ours_fused_ce": lambda m, K: method_ours(m, K, fused_ce=True),
-    "ours_lowmem": lambda m, K: method_ours(m, K, fused_ce=True, master_weights=False, state_dtype=torch.bfloat16),
-    "ours_reference": lambda m, K: method_ours(m, K, backend="reference"),
-    "ours_triton": lambda m, K: method_ours(m, K, backend="triton"),
-    "ours_cuda": lambda m, K: method_ours(m, K, backend="cuda"),
+    "ours_offload": lambda m, K, **kw: method_ours(m, K, policy="offload", **kw),
+    "ours_fused_ce": lambda m, K, **kw: method_ours(m, K, fused_ce=True, **kw),
+    "ours_lowmem": lambda m, K, **kw: method_ours(m, K, fused_ce=True, master_weights=False,
+                                                 state_dtype=torch.bfloat16, **kw),
+    "ours_reference": lambda m, K, **kw: method_ours(m, K, backend="reference", **kw),
+    "ours_triton": lambda m, K, **kw: method_ours(m, K, backend="triton", **kw),
+    "ours_cuda": lambda m, K, **kw: method_ours(m, K, backend="cuda", **kw),
     "badam_official": method_badam_official,
     "adamw_fused": method_adamw,
     "lora_r8": method_lora,
@@ -189,6 +199,14 @@ METHODS: Dict[str, Callable] = {
 
 
 # ----------------------------------------------------------------------------------- measuring
+def _switched(opt) -> bool:
+    """Did the step just taken end with a block switch? (badam 1.4 has no flag; its rule is this.)"""
+    if hasattr(opt, "switched"):
+        return bool(opt.switched)
+    every = getattr(opt, "switch_block_every", None)
+    return every is not None and (opt.global_step + 1) % every == 0
+
+
 def timed_steps(model, method: Method, batches, steps: int, warmup: int, device: str) -> dict:
     """Run warmup + steps; per step: forward, backward, optimizer (incl. switch) milliseconds."""
     rows = []
@@ -215,12 +233,18 @@ def timed_steps(model, method: Method, batches, steps: int, warmup: int, device:
         wall = (time.perf_counter() - t0) * 1e3
         if i >= warmup:
             rows.append(dict(forward_ms=fwd, backward_ms=bwd, optimizer_ms=opt, step_ms=wall,
-                             switched=bool(getattr(method.optimizer, "switched", False))))
+                             switched=_switched(method.optimizer)))
     plain = [r for r in rows if not r["switched"]] or rows
     switches = [r for r in rows if r["switched"]]
     opt_plain = median([r["optimizer_ms"] for r in plain])
+    plain_s = sum(r["step_ms"] for r in plain) / len(plain) / 1e3
+    switch_extra_s = (sum(r["step_ms"] for r in switches) / len(switches) / 1e3 - plain_s) if switches else 0.0
     return {
         "steps": steps,
+        "plain_step_s_mean": plain_s,
+        "switch_extra_s": switch_extra_s,
+        # what a run that switches every STEADY_K steps would see: the same steps, fewer switches
+        f"step_s_at_K{STEADY_K}": plain_s + switch_extra_s / STEADY_K,
         "step_s_mean": sum(r["step_ms"] for r in rows) / len(rows) / 1e3,
         "step_s_median": median([r["step_ms"] for r in rows]) / 1e3,
         "forward_ms": median([r["forward_ms"] for r in plain]),
@@ -246,6 +270,7 @@ def measure(shape: str, name: str, checkpointing: bool, batch: int, seq: int, st
         method = METHODS[name](model, K, **method_kw)
         result = timed_steps(model, method, batches, steps, warmup, device)
         row.update(result, status="ok", tokens_per_s=batch * seq / result["step_s_mean"])
+        row[f"tokens_per_s_at_K{STEADY_K}"] = batch * seq / result[f"step_s_at_K{STEADY_K}"]
         if device == "cuda":
             row.update(peak_mem_GiB=torch.cuda.max_memory_allocated() / 2**30, model_GiB=base_mem / 2**30)
     except torch.cuda.OutOfMemoryError:
@@ -301,13 +326,41 @@ def run_full(args, device) -> dict:
     K = args.switch_every
     steps = layers * K  # one block epoch, every block K steps (after the first partial block, below)
     rows = []
+    methods = args.methods or DEFAULT_METHODS[args.shape]
     for checkpointing in ([True, False] if args.both_checkpointing else [True]):
-        for name in args.methods:
-            row = measure(args.shape, name, checkpointing, batch, seq, steps, warmup=K - 1, K=K, device=device)
+        for name in methods:
+            # offload is timed over its second epoch, when every block's states come back from the host
+            warmup = K - 1 + (steps if "offload" in name else 0)
+            row = measure(args.shape, name, checkpointing, batch, seq, steps, warmup=warmup, K=K, device=device)
             rows.append(row)
-            print_table([row], ["method", "checkpointing", "tokens_per_s", "step_s_mean", "forward_ms",
+            print_table([row], ["method", "checkpointing", "tokens_per_s", f"tokens_per_s_at_K{STEADY_K}", "forward_ms",
                                 "backward_ms", "optimizer_ms", "switch_ms", "peak_mem_GiB", "loss_last", "status"])
     return {"experiment": "block_epoch", "shape": args.shape, "switch_every": K, "rows": rows}
+
+
+def run_capacity(args, device) -> dict:
+    """The largest batch that fits in ``--memory-gib`` for this package and the official badam."""
+    if device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total))
+    seq = args.seq or SHAPES[args.shape]["seq"]
+    layers = SHAPES[args.shape]["num_hidden_layers"]
+    rows = []
+    for name in args.methods or ["ours_fused_ce", "ours", "badam_official"]:
+        for batch in args.capacity or [2, 4, 8, 16, 32, 64]:
+            row = measure(args.shape, name, True, batch, seq, steps=2, warmup=1, K=10_000, device=device,
+                          start_block=layers // 2)
+            rows.append(row)
+            print_table([row], ["method", "batch", "tokens_per_s", "peak_mem_GiB", "status"])
+            if row["status"] != "ok":
+                break
+    largest = {}
+    for r in rows:
+        if r["status"] == "ok":
+            largest[r["method"]] = max(largest.get(r["method"], 0), r["batch"])
+    print(f"largest batch x {seq} tokens in {args.memory_gib:g} GiB:", largest)
+    return {"experiment": "capacity", "shape": args.shape, "memory_gib": args.memory_gib, "rows": rows,
+            "largest_batch": largest}
 
 
 def plot(payload: dict, path: Path) -> None:
@@ -328,6 +381,17 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_ylabel("step time (s), lower is better")
         ax.legend()
         ax.set_title(f"{payload['shape']} Llama, batch {rows[0]['batch']}x{rows[0]['seq']}, checkpointing on")
+    elif payload["experiment"] == "capacity":
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name in sorted({r["method"] for r in rows}):
+            mine = [r for r in rows if r["method"] == name]
+            ax.plot([r["batch"] for r in mine], [r.get("peak_mem_GiB", 0.0) for r in mine], "o-", label=name)
+        ax.axhline(payload["memory_gib"], color="k", ls="--", label=f"{payload['memory_gib']:g} GiB limit")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"batch (x {rows[0]['seq']} tokens)")
+        ax.set_ylabel("peak memory (GiB)")
+        ax.set_title(f"{payload['shape']} Llama, block {rows[0]['start_block']} active, checkpointing on")
+        ax.legend()
     else:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         labels = [f"{r['method']}{'' if r['checkpointing'] else ' (no ckpt)'}" for r in rows]
@@ -344,14 +408,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="block 0 / middle / top step times, badam vs ours")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
-    parser.add_argument("--methods", nargs="+", default=["ours", "ours_fused_ce", "ours_lowmem", "ours_offload",
-                                                         "badam_official", "adamw_fused", "lora_r8", "galore", "lomo"],
-                        choices=sorted(METHODS))
+    parser.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS),
+                        help="default: every method that is practical at the shape (DEFAULT_METHODS)")
+    parser.add_argument("--capacity", nargs="*", type=int, metavar="BATCH",
+                        help="largest batch that fits: try these batch sizes for ours and badam")
+    parser.add_argument("--memory-gib", type=float, default=80.0,
+                        help="memory limit for --capacity (an 80 GB card on a larger one)")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per quick measurement")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--switch-every", type=int, default=2, help="steps per block in the block epoch")
+    parser.add_argument("--switch-every", type=int, default=3, help="steps per block in the block epoch")
     parser.add_argument("--both-checkpointing", action="store_true", help="also run with checkpointing off")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     parser.add_argument("--replot", type=Path, help="redraw the PNG of a result JSON and exit")
@@ -362,8 +429,13 @@ def main(argv=None) -> int:
         plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
         return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    payload = run_quick(args, device) if args.quick else run_full(args, device)
-    stem = f"e2e_{'quick' if args.quick else 'epoch'}_{args.shape}{args.tag}"
+    if args.capacity is not None:
+        payload, kind = run_capacity(args, device), "capacity"
+    elif args.quick:
+        payload, kind = run_quick(args, device), "quick"
+    else:
+        payload, kind = run_full(args, device), "epoch"
+    stem = f"e2e_{kind}_{args.shape}{args.tag}"
     json_path = write_json(stem, payload)
     plot(payload, result_path(stem, "png"))
     print(f"wrote {json_path}")
