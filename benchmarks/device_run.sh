@@ -8,9 +8,12 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+echo "compilers: $(which -a g++ | tr '\n' ' ') CXX=${CXX:-unset}"
 t0=$(date +%s)
+[ -n "${BUILD_CXX:-}" ] && [ -x "$BUILD_CXX" ] && export CXX=$BUILD_CXX
 MAX_JOBS=16 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; }
-echo "build: $(( $(date +%s) - t0 )) s"
+echo "build: $(( $(date +%s) - t0 )) s with $(${CXX:-g++} --version | head -1)"
+ldd badam_kernels/_C*.so 2>/dev/null | grep -i "stdc++\|gcc_s" 
 python3 -c "import badam_kernels.ops as o; print(o.backend_report())"
 BENCH=${BENCH:-"tests step e2e_quick"}
 for b in $BENCH; do
@@ -27,5 +30,5 @@ for b in $BENCH; do
     *) echo "unknown benchmark $b" ;;
   esac
   echo "== $b: $(( $(date +%s) - t0 )) s"
+  tar cf "$OUT/results.tar" benchmarks/results  # after each one: a run cut short keeps what it finished
 done
-tar cf "$OUT/results.tar" benchmarks/results
