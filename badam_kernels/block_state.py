@@ -1,10 +1,10 @@
 """The active block's parameters, gradients and optimizer states, in flat buffers.
 
 While a block is active its parameters of one dtype live in one contiguous buffer (the model's
-``nn.Parameter`` objects become views of it), their gradients in a second buffer at step time (the
-``.grad`` then become views of it, so further accumulation goes straight into it; it is freed by
-``zero_grad()``, so it takes no room during the next forward, when activations peak), and the fp32
-master copy and Adam moments in three more. A fused step is then a plain 1-D sweep over five buffers in one launch. Tensors that
+``nn.Parameter`` objects become views of it), their gradients in a second buffer that exists from
+the block's backward to ``zero_grad()`` (each gradient moves in as autograd produces it and ``.grad``
+becomes a view, so accumulation goes straight into it; it takes no room during the forward, when
+activations peak), and the fp32 master copy and Adam moments in three more. A fused step is then a plain 1-D sweep over five buffers in one launch. Tensors that
 take weight decay come first, so the decay mask is a single split point. Offsets are padded to
 ``ALIGN`` elements so that every view starts on a 128-byte boundary.
 
@@ -84,7 +84,10 @@ class FlatGroup:
             for e, view in zip(self.entries, self._views(self.param)):
                 view.copy_(e.param.data)
                 e.param.data = view  # the model's parameter now lives in the flat buffer
-        self.grad: Optional[Tensor] = None  # allocated when the step gathers the gradients
+        self.grad: Optional[Tensor] = None  # allocated when the first gradient arrives
+        self._views_of_grad: List[Tensor] = []
+        self._hooks = [e.param.register_post_accumulate_grad_hook(lambda _p, k=k: self._adopt_grad(k))
+                       for k, e in enumerate(self.entries)]
         specs = state_specs(self.dtype, total, keep_master=keep_master, with_moments=with_moments,
                             state_dtype=state_dtype)
         self.master = self.exp_avg = self.exp_avg_sq = None
@@ -106,28 +109,34 @@ class FlatGroup:
         return [e.param for e in self.entries]
 
     # -- gradients --------------------------------------------------------------------------------
-    def _bind_grads(self) -> None:
-        for e, view in zip(self.entries, self._views(self.grad)):
-            e.param.grad = view
-
-    def collect_grads(self) -> List[str]:
-        """Make the grad buffer hold every gradient; return the names of parameters that have none.
-
-        Gradients that are already views of the buffer (accumulated since the last step) stay; fresh
-        ones from autograd are copied in, and the parameters' ``.grad`` become views of the buffer.
-        """
+    def _grad_views(self) -> List[Tensor]:
         if self.grad is None:
             new = torch.zeros if self.padded else torch.empty  # padding must hold zero gradients
             self.grad = new(self.numel, dtype=self.dtype, device=self.device)
-        missing = []
-        for e, view in zip(self.entries, self._views(self.grad)):
-            g = e.param.grad
-            if g is None:
-                missing.append(e.name)
-            elif g.data_ptr() != view.data_ptr():
-                view.copy_(g)
+            self._views_of_grad = self._views(self.grad)
+        return self._views_of_grad
+
+    def _adopt_grad(self, k: int) -> None:
+        """Move parameter k's gradient into the buffer and make ``.grad`` a view of it.
+
+        Runs as a post-accumulate-grad hook, so each fresh gradient is copied and freed as soon as
+        autograd produces it: the buffer exists only from the active block's backward to
+        ``zero_grad``, and no moment holds the block's gradients twice.
+        """
+        param = self.entries[k].param
+        if param.grad is None:
+            return
+        view = self._grad_views()[k]
+        if param.grad.data_ptr() != view.data_ptr():
+            view.copy_(param.grad)
+            param.grad = view
+
+    def collect_grads(self) -> List[str]:
+        """Make the grad buffer hold every gradient; return the names of parameters that have none."""
+        missing = [e.name for e in self.entries if e.param.grad is None]
         if not missing:
-            self._bind_grads()
+            for k in range(len(self.entries)):
+                self._adopt_grad(k)  # gradients set by hand, without backward, are adopted here
         return missing
 
     def zero_grads(self, set_to_none: bool = True) -> None:
@@ -135,7 +144,7 @@ class FlatGroup:
         if set_to_none:
             for e in self.entries:
                 e.param.grad = None
-            self.grad = None
+            self.grad, self._views_of_grad = None, []
         elif self.grad is not None:
             self.grad.zero_()
         else:
@@ -145,9 +154,10 @@ class FlatGroup:
 
     def release(self) -> None:
         """The block goes inactive: its gradients are dropped (the parameters keep their storage)."""
-        for e in self.entries:
-            e.param.grad = None
-        self.grad = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.zero_grads(set_to_none=True)
 
     # -- states -----------------------------------------------------------------------------------
     def state_tensors(self) -> Dict[str, Tensor]:

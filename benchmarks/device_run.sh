@@ -10,7 +10,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 echo "compilers: $(which -a g++ | tr '\n' ' ') CXX=${CXX:-unset}"
 t0=$(date +%s)
-[ -n "${BUILD_CXX:-}" ] && [ -x "$BUILD_CXX" ] && export CXX=$BUILD_CXX
+# the image sets CXX to a g++ whose libstdc++ differs from the one torch loads: error messages built
+# with iostreams then crash inside the extension; the system g++ matches torch
+BUILD_CXX=${BUILD_CXX:-/usr/bin/g++}
+[ -x "$BUILD_CXX" ] && export CXX=$BUILD_CXX
 MAX_JOBS=16 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; }
 echo "build: $(( $(date +%s) - t0 )) s with $(${CXX:-g++} --version | head -1)"
 ldd badam_kernels/_C*.so 2>/dev/null | grep -i "stdc++\|gcc_s" 

@@ -285,3 +285,20 @@ def test_memory_report_counts_each_category():
     assert report["master"] == 4 * numel and report["moments"] == 8 * numel and report["grads"] == 2 * numel
     parked = sum(opt.park.host[key]["master"].numel() for key in opt.park.host)
     assert report["host_parked"] == 12 * parked + 4 * len(opt.park.host)
+
+
+def test_gradients_move_into_the_flat_buffer_during_backward_and_leave_at_zero_grad():
+    model, opt = make(BlockOptimizer, torch.bfloat16, switch_mode="fixed", start_block=1, switch_block_every=50)
+    (group,) = opt.groups
+    assert group.grad is None  # no gradient memory during the forward
+    lm_loss(model, batches(1)[0]).backward()
+    base = group.grad.data_ptr()
+    for entry, offset in zip(group.entries, group.offsets):
+        assert entry.param.grad.data_ptr() == base + offset * group.grad.element_size()
+    first = {e.name: e.param.grad.clone() for e in group.entries}
+    lm_loss(model, batches(1)[0]).backward()  # accumulation goes into the same views
+    for e in group.entries:
+        torch.testing.assert_close(e.param.grad, 2 * first[e.name], rtol=1e-2, atol=1e-3)
+    opt.step()
+    opt.zero_grad()
+    assert group.grad is None and all(e.param.grad is None for e in group.entries)
