@@ -13,6 +13,7 @@ policy, with copies on a side stream so that a switch does not wait for the link
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -63,6 +64,17 @@ def state_specs(dtype: torch.dtype, numel: int, *, keep_master: bool, with_momen
     return specs
 
 
+def _adopt_hook(group_ref, k: int):
+    """The hook holds its group weakly: parameters must not keep a dropped optimizer's buffers alive."""
+
+    def hook(_param):
+        group = group_ref()
+        if group is not None:
+            group._adopt_grad(k)
+
+    return hook
+
+
 class FlatGroup:
     """The active block's parameters of one dtype and device, with their flat state buffers.
 
@@ -86,7 +98,7 @@ class FlatGroup:
                 e.param.data = view  # the model's parameter now lives in the flat buffer
         self.grad: Optional[Tensor] = None  # allocated when the first gradient arrives
         self._views_of_grad: List[Tensor] = []
-        self._hooks = [e.param.register_post_accumulate_grad_hook(lambda _p, k=k: self._adopt_grad(k))
+        self._hooks = [e.param.register_post_accumulate_grad_hook(_adopt_hook(weakref.ref(self), k))
                        for k, e in enumerate(self.entries)]
         specs = state_specs(self.dtype, total, keep_master=keep_master, with_moments=with_moments,
                             state_dtype=state_dtype)

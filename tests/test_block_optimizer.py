@@ -302,3 +302,16 @@ def test_gradients_move_into_the_flat_buffer_during_backward_and_leave_at_zero_g
     opt.step()
     opt.zero_grad()
     assert group.grad is None and all(e.param.grad is None for e in group.entries)
+
+
+def test_dropping_model_and_optimizer_frees_them():
+    import weakref
+
+    model, opt = make(BlockOptimizer, torch.bfloat16, switch_block_every=2, state_policy="offload")
+    train(model, opt, 3)
+    lm_loss(model, batches(1)[0]).backward()
+    opt.step()  # leave gradients and states in place
+    refs = [weakref.ref(model), weakref.ref(opt), weakref.ref(opt.groups[0].master)]
+    del model, opt
+    gc.collect()
+    assert all(r() is None for r in refs)
