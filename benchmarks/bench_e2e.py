@@ -20,7 +20,9 @@ between methods; never zeros.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import gc
+import multiprocessing
 import sys
 import time
 from dataclasses import dataclass
@@ -285,6 +287,17 @@ def measure(shape: str, name: str, checkpointing: bool, batch: int, seq: int, st
     return row
 
 
+def measure_isolated(*args, **kwargs) -> dict:
+    """``measure`` in a fresh process: no method's leftovers (or leaks) raise the next one's peak."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        try:
+            return pool.submit(measure, *args, **kwargs).result()
+        except concurrent.futures.process.BrokenProcessPool:
+            return dict(shape=args[0], method=args[1], batch=args[3], status="crashed",
+                        start_block=kwargs.get("start_block"))
+
+
 def print_table(rows: List[dict], keys: List[str]) -> None:
     widths = [max(len(k), 10) for k in keys]
     print("  ".join(k.rjust(w) for k, w in zip(keys, widths)))
@@ -305,7 +318,7 @@ def run_quick(args, device) -> dict:
     rows = []
     for block in blocks:
         for name in ("badam_official", "ours"):
-            row = measure(args.shape, name, True, batch, seq, args.steps, args.warmup, K=10_000,
+            row = measure_isolated(args.shape, name, True, batch, seq, args.steps, args.warmup, K=10_000,
                           device=device, start_block=block)
             rows.append(row)
             print_table([row], ["method", "start_block", "step_s_median", "forward_ms", "backward_ms",
@@ -331,7 +344,7 @@ def run_full(args, device) -> dict:
         for name in methods:
             # offload is timed over its second epoch, when every block's states come back from the host
             warmup = K - 1 + (steps if "offload" in name else 0)
-            row = measure(args.shape, name, checkpointing, batch, seq, steps, warmup=warmup, K=K, device=device)
+            row = measure_isolated(args.shape, name, checkpointing, batch, seq, steps, warmup=warmup, K=K, device=device)
             rows.append(row)
             print_table([row], ["method", "checkpointing", "tokens_per_s", f"tokens_per_s_at_K{STEADY_K}", "forward_ms",
                                 "backward_ms", "optimizer_ms", "switch_ms", "peak_mem_GiB", "loss_last", "status"])
@@ -348,7 +361,7 @@ def run_capacity(args, device) -> dict:
     rows = []
     for name in args.methods or ["ours_fused_ce", "ours", "badam_official"]:
         for batch in args.capacity or [2, 4, 8, 16, 32, 64]:
-            row = measure(args.shape, name, True, batch, seq, steps=2, warmup=1, K=10_000, device=device,
+            row = measure_isolated(args.shape, name, True, batch, seq, steps=2, warmup=1, K=10_000, device=device,
                           start_block=layers // 2)
             rows.append(row)
             print_table([row], ["method", "batch", "tokens_per_s", "peak_mem_GiB", "status"])
