@@ -283,6 +283,7 @@ class BlockOptimizer(Optimizer):
             if missing:
                 raise RuntimeError(f"no gradient for the active parameters {missing[:3]}"
                                    f"{' ...' if len(missing) > 3 else ''}: run backward before step()")
+        self._reduce_gradients()
         if self._grads_finite_or_clipped():
             if self.fused:
                 self._fused_step()
@@ -297,6 +298,9 @@ class BlockOptimizer(Optimizer):
             if steps_left < self.prefetch_steps:
                 self._prefetch_next()
         return loss
+
+    def _reduce_gradients(self) -> None:
+        """Where data-parallel training averages the active block's flat gradients (see distributed.py)."""
 
     def _prefetch_next(self) -> None:
         upcoming = self.schedule.peek()
