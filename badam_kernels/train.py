@@ -36,11 +36,13 @@ import torch
 
 from . import __version__
 from .data import ByteTokenizer, DataError, build_batches
+from .memory import format_bytes, memory_report
+from .ops import BACKEND_NAMES
+from .optimizer import STATE_POLICIES
 from .plots import plot_loss, read_metrics
+from .schedule import SWITCH_MODES
 
-SWITCH_MODES = ("descending", "ascending", "random", "fixed")
-STATE_POLICIES = ("reset", "offload")
-BACKENDS = ("auto", "reference", "triton", "cuda")
+BACKENDS = ("auto",) + BACKEND_NAMES
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEVICES = ("auto", "cpu", "cuda")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -541,6 +543,7 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
                 save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, state_now())
     bar.close()
     wall = time.perf_counter() - run_start
+    held = memory_report(optimizer, model)
     ckpt = save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, state_now())
     truncation.remove()
     records = read_metrics(metrics_path)
@@ -553,7 +556,7 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
         "mean_loss_last_10": sum(tail) / len(tail) if tail else None, "wall_s": round(wall, 2),
         "tokens_per_s": round((tokens_seen - tokens_before) / wall, 1) if wall else None,
         "peak_mem_mib": round(peak_memory_mib(device), 1), "num_blocks": optimizer.num_blocks,
-        "device": device.type, "dtype": dtype_name, "nonfinite_steps": nonfinite,
+        "device": device.type, "dtype": dtype_name, "nonfinite_steps": nonfinite, "memory_bytes": held,
     }
     with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
@@ -563,6 +566,7 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
     losses_text = f"loss {first_loss:.4f} -> {losses[-1]:.4f}, " if losses else ""
     log(f"done{note}: step {step}, {losses_text}{wall:.1f} s; checkpoint {ckpt}; "
         f"plot {os.path.join(run_dir, 'loss.png')}")
+    log("memory held: " + ", ".join(f"{k.replace('_', '-')} {format_bytes(v)}" for k, v in held.items()))
     return summary
 
 

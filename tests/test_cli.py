@@ -77,6 +77,8 @@ def test_default_job_writes_metrics_plot_and_checkpoint(tmp_path):
     records = assert_run_folder(run, 6)
     assert len({r["active_block"] for r in records}) >= 3  # the blocks took turns
     summary = json.loads((run / "summary.json").read_text())
+    held = summary["memory_bytes"]
+    assert set(held) == {"weights", "master", "moments", "grads", "host_parked"} and held["weights"] > 0
     assert summary["step"] == 6 and not summary["interrupted"]
     # the checkpoint is a Hugging Face model folder: it can be fine-tuned further with --model
     assert run_cli("--model", run / "checkpoint", "--steps", 2, "--out", tmp_path / "again", *TINY) == 0
