@@ -3,13 +3,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-def tiny_llama(dtype=torch.float32, seed=0, layers=3, tie=False, vocab=64, hidden=32):
+def tiny_llama(dtype=torch.float32, seed=0, layers=3, tie=False, vocab=64, hidden=32, device="cpu"):
     """A random Llama small enough for CPU tests: 3 layers of width 32."""
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=64, tie_word_embeddings=tie)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(dtype)
+    model = LlamaForCausalLM(config).to(dtype=dtype, device=device)
     model.train()
     return model
 
@@ -20,6 +20,7 @@ def batches(n, batch=2, seq=12, vocab=64, seed=1):
 
 
 def lm_loss(model, ids):
+    ids = ids.to(model.device)
     return model(input_ids=ids, labels=ids).loss
 
 
@@ -52,3 +53,30 @@ def train(model, opt, steps, seed=1, start=0):
 
 def max_rel_diff(a: dict, b: dict) -> float:
     return max(((a[n].float() - b[n].float()).norm() / a[n].float().norm().clamp_min(1e-30)).item() for n in a)
+
+
+def make(cls, dtype=torch.float32, base=torch.optim.AdamW, base_kw=None, model_kw=None, **kw):
+    """A tiny Llama and an optimizer of class ``cls`` (ours or badam's) over it."""
+    model = tiny_llama(dtype, **(model_kw or {}))
+    base_kw = {"lr": 1e-2, "weight_decay": 0.0, **(base_kw or {})}
+    opt = cls(base(model.parameters(), **base_kw), list(model.named_parameters()), verbose=0, **kw)
+    return model, opt
+
+
+def persistent_per_block_adamw(steps, switch_every, order, device="cpu"):
+    """The reference for `offload`: one AdamW per block whose state is never reset."""
+    model = tiny_llama(device=device)
+    blocks = [[p for n, p in model.named_parameters() if n.startswith(f"model.layers.{b}.")] for b in range(3)]
+    opts = [torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0) for params in blocks]
+    step_blocks = [order[0]] * (switch_every - 1)  # badam's first block trains one step less
+    k = 1
+    while len(step_blocks) < steps:
+        step_blocks += [order[k % len(order)]] * switch_every
+        k += 1
+    for ids, b in zip(batches(steps), step_blocks):
+        for n, p in model.named_parameters():
+            p.requires_grad_(any(p is q for q in blocks[b]))
+        lm_loss(model, ids).backward()
+        opts[b].step()
+        model.zero_grad()
+    return snapshot(model)

@@ -6,14 +6,7 @@ import pytest
 import torch
 
 from badam_kernels import BlockOptimizer
-from helpers import batches, lm_loss, max_rel_diff, snapshot, tiny_llama, train
-
-
-def make(cls, dtype=torch.float32, base=torch.optim.AdamW, base_kw=None, model_kw=None, **kw):
-    model = tiny_llama(dtype, **(model_kw or {}))
-    base_kw = {"lr": 1e-2, "weight_decay": 0.0, **(base_kw or {})}
-    opt = cls(base(model.parameters(), **base_kw), list(model.named_parameters()), verbose=0, **kw)
-    return model, opt
+from helpers import batches, lm_loss, make, max_rel_diff, persistent_per_block_adamw, snapshot, tiny_llama, train
 
 
 def run_both(steps=32, dtype=torch.float32, **kw):
@@ -102,25 +95,6 @@ def test_reset_policy_starts_fresh_states_at_each_switch():
     assert torch.count_nonzero(group.exp_avg) == 0 and torch.count_nonzero(group.exp_avg_sq) == 0
     train(model, opt, 1, start=2)
     assert group.step.item() == 1
-
-
-def persistent_per_block_adamw(steps, switch_every, order):
-    """The reference for `offload`: one AdamW per block whose state is never reset."""
-    model = tiny_llama()
-    blocks = [[p for n, p in model.named_parameters() if n.startswith(f"model.layers.{b}.")] for b in range(3)]
-    opts = [torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0) for params in blocks]
-    step_blocks = [order[0]] * (switch_every - 1)
-    k = 1
-    while len(step_blocks) < steps:
-        step_blocks += [order[k % len(order)]] * switch_every
-        k += 1
-    for ids, b in zip(batches(steps), step_blocks):
-        for n, p in model.named_parameters():
-            p.requires_grad_(any(p is q for q in blocks[b]))
-        lm_loss(model, ids).backward()
-        opts[b].step()
-        model.zero_grad()
-    return snapshot(model)
 
 
 def test_offload_policy_equals_states_kept_in_place():
