@@ -10,7 +10,7 @@ Public API:
 """
 from .models import find_layer_stack
 from .optimizer import BlockOptimizer
-from .truncate import TruncatedBackward, truncate_backward
+from .truncate import TruncatedBackward, is_truncated, truncate_backward
 
 __version__ = "0.1.0"
-__all__ = ["BlockOptimizer", "truncate_backward", "TruncatedBackward", "find_layer_stack", "__version__"]
+__all__ = ["BlockOptimizer", "truncate_backward", "TruncatedBackward", "is_truncated", "find_layer_stack", "__version__"]

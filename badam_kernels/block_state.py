@@ -298,7 +298,11 @@ class StatePark:
         return {key: {k: v.detach().cpu().clone() for k, v in self.host[key].items()} for key in self._current}
 
     def load_state_dict(self, parked: Dict[Key, Dict[str, Tensor]]) -> None:
-        self.host = {tuple(key): dict(states) for key, states in parked.items()}
+        """Take saved parked states into host buffers of our own (pinned where CUDA is present),
+        wherever the caller's copies live (Accelerate moves a whole state dict to the GPU)."""
+        self.host = {}
+        for key, states in parked.items():
+            self.host[tuple(key)] = {k: _pin(v).copy_(v) for k, v in states.items()}
         self._current = set(self.host)
         self._prefetched.clear()
         self._events.clear()

@@ -77,4 +77,4 @@ class BlockSchedule:
         self.mode = state["mode"]
         self.active = int(state["active"])
         self.pending = list(state["pending"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a wrapper may have moved the dict to a GPU

@@ -99,6 +99,12 @@ class TruncatedBackward:
             del layer._badam_truncation
 
 
+def is_truncated(model: nn.Module, layers: Optional[nn.ModuleList] = None) -> bool:
+    """Whether :func:`truncate_backward` is installed on the model's layer stack."""
+    layers = find_layer_stack(model) if layers is None else layers
+    return any(hasattr(layer, "_badam_truncation") for layer in layers)
+
+
 def truncate_backward(model: nn.Module, layers: Optional[nn.ModuleList] = None) -> TruncatedBackward:
     """Make the layers below the active block run without autograd. Returns a handle with ``remove()``.
 
@@ -106,7 +112,7 @@ def truncate_backward(model: nn.Module, layers: Optional[nn.ModuleList] = None) 
     first layer (the embedding) are watched: while one is trainable, nothing is truncated.
     """
     layers = find_layer_stack(model) if layers is None else layers
-    if any(hasattr(layer, "_badam_truncation") for layer in layers):
+    if is_truncated(model, layers):
         raise ValueError("truncate_backward is already installed on these layers")
     stack_params = {id(p) for p in layers.parameters()}
     params_before = []
