@@ -201,7 +201,7 @@ class BlockOptimizer(Optimizer):
     def _activate(self, block: int, saved: Optional[dict] = None) -> None:
         """Make ``block`` trainable: freeze the rest, flatten its parameters, set up its states."""
         active = set(self.partition.active_indices(block))
-        for i, (name, param) in enumerate(self.named_parameters_list):
+        for i, (_, param) in enumerate(self.named_parameters_list):
             param.requires_grad_(i in active)
             if i not in active:
                 param.grad = None
@@ -223,9 +223,10 @@ class BlockOptimizer(Optimizer):
         prefixes = list(self.partition.prefixes[block]) + self.active_modules
         self._log(f"Parameters with the following prefix will be trainable: {prefixes}")
 
-    def _deactivate(self) -> None:
+    def _deactivate(self, park: bool = True) -> None:
+        """The active block goes inactive: its states are parked (``offload``) or dropped."""
         block = self.schedule.active
-        if self.state_policy == "offload":
+        if park and self.state_policy == "offload":
             for gi, group in enumerate(self.groups):
                 self.park.park((block, gi), group.state_tensors())
             if not self.fused:
@@ -380,17 +381,12 @@ class BlockOptimizer(Optimizer):
             raise ValueError("checkpoint has a different number of parameter groups")
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update(saved)
-        self._deactivate_without_parking()
+        self._deactivate(park=False)  # the checkpoint's states replace ours
         self.global_step = int(state_dict["global_step"])
         self.schedule.load_state_dict(state_dict["schedule"])
         self.park.load_state_dict(state_dict["parked"])
         self._parked_base = dict(state_dict.get("parked_base", {}))
         self._activate(self.schedule.active, saved=state_dict)
-
-    def _deactivate_without_parking(self) -> None:
-        for group in self.groups:
-            group.release()
-        self.groups = []
 
     def _load_block_states(self, saved: dict) -> None:
         states = saved["active_states"]
