@@ -223,6 +223,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         _error(f"{type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback)")
         return 1
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: the job's process group ends with the job."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _quiet_libraries() -> None:

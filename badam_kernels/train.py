@@ -397,8 +397,12 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
     if config.resume is not None:
         config = _config_for_resume(config, given)
     cfg = resolve(config)
-    _check_out(cfg)
-    device = pick_device(cfg.device)
+    rank, world, device = _processes(cfg)
+    main = rank == 0
+    if not main:  # the other ranks of a torchrun job compute, rank 0 reports and writes
+        log = _silent
+    if main:
+        _check_out(cfg)
     dtype_name = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
     cfg = dataclasses.replace(cfg, dtype=dtype_name)
     dtype = DTYPES[dtype_name]
@@ -450,14 +454,16 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     base = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    parallel = {} if world == 1 else {"sync_module_states": True}
+    optimizer_class = BlockOptimizer if world == 1 else _data_parallel_class()
     try:
-        optimizer = BlockOptimizer(
+        optimizer = optimizer_class(
             base, list(model.named_parameters()), switch_block_every=cfg.switch_every,
             start_block=cfg.start_block, switch_mode=cfg.switch_mode,
             active_modules=cfg.active_modules, include_embedding=cfg.include_embedding,
             include_lm_head=cfg.include_lm_head, verbose=0,
             state_policy=cfg.state_policy, backend=backend,
-            max_grad_norm=cfg.max_grad_norm or None, seed=cfg.seed)
+            max_grad_norm=cfg.max_grad_norm or None, seed=cfg.seed, **parallel)
     except (ValueError, TypeError) as exc:
         raise ConfigError(_one_line(exc)) from None
     truncation = truncate_backward(model)
@@ -472,20 +478,21 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
         scheduler.load_state_dict(trainer_state["scheduler"])
         _set_rng_state(trainer_state["rng"])
 
-    run_dir = _prepare_run_dir(cfg, start)
-    with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(dataclasses.replace(cfg, out=run_dir)), f, indent=2)
+    run_dir = _prepare_run_dir(cfg, start) if main else None
+    if main:
+        with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(dataclasses.replace(cfg, out=run_dir)), f, indent=2)
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"badam-finetune {__version__}: {model_desc}, {n_params / 1e6:.2f}M parameters, "
         f"{optimizer.num_blocks} blocks of {cfg.switch_every} steps ({cfg.switch_mode}), "
-        f"{device.type} {dtype_name}")
+        f"{device.type} {dtype_name}" + (f", {world} processes" if world > 1 else ""))
     log(f"data: {cfg.data or 'the shipped Shakespeare excerpt'}: {batches.num_examples} examples, "
         f"batch {cfg.batch_size} x {cfg.seq_len} tokens; steps {start} -> {target}; run folder {run_dir}")
 
     from tqdm.auto import tqdm
 
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    metrics_path = os.path.join(run_dir, "metrics.jsonl") if main else os.devnull
     elapsed = float(trainer_state["elapsed_s"]) if trainer_state else 0.0
     tokens_seen = tokens_before = int(trainer_state["tokens_seen"]) if trainer_state else 0
     losses: List[float] = []
@@ -493,7 +500,7 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
     nonfinite = 0
     step = start
     bar = tqdm(total=target, initial=start, desc="badam", unit="step", dynamic_ncols=True,
-               disable=not cfg.progress, file=sys.stderr)
+               disable=not cfg.progress or not main, file=sys.stderr)
 
     def say(message: str) -> None:  # a log line that does not tear the progress bar
         bar.write(message, file=sys.stdout) if cfg.progress else log(message)
@@ -508,15 +515,16 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
         while step < target and not stop.set:
             t0 = time.perf_counter()
             batch = batches.batch(step)
+            shard = _shard(batch, rank, world)
             block = optimizer.active_block
             lr = optimizer.param_groups[0]["lr"]
-            out = model(input_ids=batch.input_ids.to(device), labels=batch.labels.to(device),
-                        attention_mask=None if batch.attention_mask is None else batch.attention_mask.to(device))
+            out = model(input_ids=shard.input_ids.to(device), labels=shard.labels.to(device),
+                        attention_mask=None if shard.attention_mask is None else shard.attention_mask.to(device))
             out.loss.backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss = out.loss.item()
+            loss = _mean_over_ranks(out.loss.detach(), world)
             del out  # the logits: not kept alive through the next forward
             grad_norm = None if optimizer.last_grad_norm is None else float(optimizer.last_grad_norm)
             dt = time.perf_counter() - t0
@@ -538,14 +546,16 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
                 metrics.flush()
                 say(f"step {step}/{target}  loss {loss:.4f}  lr {lr:.3g}  block {block}  "
                     f"{record['tokens_per_s']:,.0f} tok/s  peak {peak:,.0f} MiB")
-            if cfg.save_every and step % cfg.save_every == 0 and step < target:
+            if main and cfg.save_every and step % cfg.save_every == 0 and step < target:
                 metrics.flush()
                 save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, state_now())
     bar.close()
     wall = time.perf_counter() - run_start
     held = memory_report(optimizer, model)
-    ckpt = save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, state_now())
     truncation.remove()
+    if not main:
+        return {"rank": rank, "step": step, "interrupted": step < target, "last_loss": losses[-1] if losses else None}
+    ckpt = save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, state_now())
     records = read_metrics(metrics_path)
     plot_loss(records, os.path.join(run_dir, "loss.png"),
               title=f"badam-finetune: {model_desc}, switch every {cfg.switch_every} steps")
@@ -568,6 +578,50 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
         f"plot {os.path.join(run_dir, 'loss.png')}")
     log("memory held: " + ", ".join(f"{k.replace('_', '-')} {format_bytes(v)}" for k, v in held.items()))
     return summary
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
+def _processes(cfg: TrainConfig):
+    """(rank, world size, device): one process, or the ranks of a ``torchrun`` job (data parallel)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, pick_device(cfg.device)
+    from .distributed import init_distributed
+
+    rank, world, device = init_distributed("gloo" if cfg.device == "cpu" else None)
+    _require(cfg.batch_size % world == 0,
+             f"--batch-size {cfg.batch_size} must divide evenly over the {world} processes of the job")
+    return rank, world, device
+
+
+def _data_parallel_class():
+    from .distributed import DataParallelBlockOptimizer
+
+    return DataParallelBlockOptimizer
+
+
+def _shard(batch, rank: int, world: int):
+    """This rank's rows of the global batch (all of it in a single process)."""
+    if world == 1:
+        return batch
+    rows = batch.input_ids.shape[0] // world
+    take = slice(rank * rows, (rank + 1) * rows)
+    mask = None if batch.attention_mask is None else batch.attention_mask[take]
+    return dataclasses.replace(batch, input_ids=batch.input_ids[take], labels=batch.labels[take],
+                               attention_mask=mask)
+
+
+def _mean_over_ranks(loss: torch.Tensor, world: int) -> float:
+    """The loss of the global batch (mean of the ranks' shard losses), for the log."""
+    if world > 1:
+        import torch.distributed as dist
+
+        loss = loss.float().clone()
+        dist.all_reduce(loss)
+        loss /= world
+    return loss.item()
 
 
 def _prepare_run_dir(cfg: TrainConfig, start: int) -> str:

@@ -193,3 +193,23 @@ def test_module_entry_point_prints_help():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "usage: badam-finetune" in proc.stdout and "--resume" in proc.stdout
+
+
+def test_torchrun_two_processes_train_data_parallel(tmp_path):
+    """`torchrun --nproc-per-node 2 -m badam_kernels`: each rank a half of every batch, rank 0 writes."""
+    common = ["--steps", "3", "--batch-size", "4", "--seq-len", "32", "--switch-every", "2", "--no-progress"]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "badam_kernels", "--out", str(tmp_path / "one"), *common],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "badam_kernels", "--out", str(tmp_path / "two"), *common],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "2 processes" in two.stdout and two.stdout.count("badam-finetune 0.1.0") == 1  # rank 0 alone reports
+    one_rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two_rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two_rows] == [1, 2, 3]
+    # before any update the loss of the global batch is the mean of the two halves' losses
+    assert abs(two_rows[0]["loss"] - one_rows[0]["loss"]) <= 1e-5 * one_rows[0]["loss"]
+    assert (tmp_path / "two" / "checkpoint" / "model.safetensors").is_file()
