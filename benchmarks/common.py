@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# where results go: benchmarks/results/, or $BENCH_RESULTS_DIR (the smoke tests write to a temporary folder)
+RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR", Path(__file__).resolve().parent / "results"))
 
 
 def device_record() -> dict:
