@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import json
 import os
 import platform
@@ -18,11 +19,11 @@ RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR", Path(__file__).resolve().pare
 def device_record() -> dict:
     """Device name and the versions that shaped the numbers."""
     record = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
-    for module in ("triton", "transformers", "peft", "badam"):
+    for package in ("triton", "transformers", "peft", "badam", "galore-torch", "lomo-optim", "liger-kernel"):
         try:
-            record[module] = __import__(module).__version__
-        except Exception:  # not installed there
-            record[module] = None
+            record[package] = importlib.metadata.version(package)  # badam 1.4 has no __version__
+        except importlib.metadata.PackageNotFoundError:  # not installed there
+            record[package] = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         record.update(name=props.name, sms=props.multi_processor_count, mem_gib=props.total_memory / 2**30)
