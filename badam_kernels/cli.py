@@ -232,6 +232,7 @@ def _leave_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # rank 0 may still be writing: tear the group down together, not from under it
         dist.destroy_process_group()
 
 
