@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, result_path, write_json  # noqa: E402
+from common import just_switched, median, result_path, write_json  # noqa: E402
 
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -201,14 +201,6 @@ METHODS: Dict[str, Callable] = {
 
 
 # ----------------------------------------------------------------------------------- measuring
-def _switched(opt) -> bool:
-    """Did the step just taken end with a block switch? (badam 1.4 has no flag; its rule is this.)"""
-    if hasattr(opt, "switched"):
-        return bool(opt.switched)
-    every = getattr(opt, "switch_block_every", None)
-    return every is not None and (opt.global_step + 1) % every == 0
-
-
 def timed_steps(model, method: Method, batches, steps: int, warmup: int, device: str) -> dict:
     """Run warmup + steps; per step: forward, backward, optimizer (incl. switch) milliseconds."""
     rows = []
@@ -235,7 +227,7 @@ def timed_steps(model, method: Method, batches, steps: int, warmup: int, device:
         wall = (time.perf_counter() - t0) * 1e3
         if i >= warmup:
             rows.append(dict(forward_ms=fwd, backward_ms=bwd, optimizer_ms=opt, step_ms=wall,
-                             switched=_switched(method.optimizer)))
+                             switched=just_switched(method.optimizer)))
     plain = [r for r in rows if not r["switched"]] or rows
     switches = [r for r in rows if r["switched"]]
     opt_plain = median([r["optimizer_ms"] for r in plain])

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, result_path, write_json  # noqa: E402
+from common import just_switched, median, result_path, write_json  # noqa: E402
 
 LAYER_SHAPES = {  # one Llama-3-8B decoder layer
     "self_attn.q_proj.weight": (4096, 4096), "self_attn.k_proj.weight": (1024, 4096),
@@ -111,7 +111,7 @@ def measure(kind: str, blocks: int, every: int, epochs: int, compute: Compute) -
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         walls.append((time.perf_counter() - t0) * 1e3)
-        switched.append((opt.global_step + 1) % every == 0 if not hasattr(opt, "switched") else opt.switched)
+        switched.append(just_switched(opt))
     # the first epoch pays one-time costs (offload parks blocks for the first time); judge the rest
     first = blocks * every
     plain = [w for w, s in zip(walls[first:], switched[first:]) if not s]

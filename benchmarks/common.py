@@ -52,6 +52,14 @@ def write_json(stem: str, payload: dict) -> Path:
     return path
 
 
+def just_switched(opt) -> bool:
+    """Did the step just taken end with a block switch? (badam 1.4 has no flag; its rule is this.)"""
+    if hasattr(opt, "switched"):
+        return bool(opt.switched)
+    every = getattr(opt, "switch_block_every", None)
+    return every is not None and (opt.global_step + 1) % every == 0
+
+
 def median(values):
     values = sorted(values)
     n = len(values)
