@@ -270,10 +270,11 @@ class StatePark:
 
     def take(self, key: Key, device: torch.device) -> Dict[str, Tensor]:
         """The parked states on ``device``, ready for the compute stream."""
-        self._current.discard(key)
         if device.type != "cuda":
+            self._current.discard(key)
             return self.host.pop(key)
-        self.prefetch(key, device)
+        self.prefetch(key, device)  # a no-op when the prefetch already ran (it must see the key as current)
+        self._current.discard(key)
         states = self._prefetched.pop(key)
         current = torch.cuda.current_stream(device)
         current.wait_event(self._events[key])

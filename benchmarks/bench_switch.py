@@ -4,7 +4,8 @@ Each block is one Llama-3-8B decoder layer (218,112,000 parameters, bf16), and t
 ``--blocks`` of them. A training step is emulated: ``--step-ms`` of matrix products on the compute
 stream (the forward and backward of a real model keep the GPU busy the same way), random gradients
 for the active block (never zeros), then ``optimizer.step()``. The stall of a switch is the wall
-time of a switching step minus the median of the other steps.
+time of the switching step and the step after it minus two median plain steps; each step waits
+for the compute stream only, as a loop's ``loss.item()`` does.
 
 What moves at a switch: with ``reset``, the incoming block's fp32 master is built from its bf16
 params and its moments are zeroed (12 B/param written, 2 read: about 0.7 ms at 4 TB/s); with
@@ -98,7 +99,7 @@ def measure(kind: str, blocks: int, every: int, epochs: int, compute: Compute) -
     walls, switched = [], []
     steps = epochs * blocks * every
     for step in range(steps):
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()
         t0 = time.perf_counter()
         compute()
         for p in model.parameters():
@@ -109,15 +110,21 @@ def measure(kind: str, blocks: int, every: int, epochs: int, compute: Compute) -
                 p.grad = noise[key].clone()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        # what a training loop's loss.item() waits for: the compute stream, not the side stream
+        # whose copies to host go on during the next step
+        torch.cuda.current_stream().synchronize()
         walls.append((time.perf_counter() - t0) * 1e3)
         switched.append(just_switched(opt))
     # the first epoch pays one-time costs (offload parks blocks for the first time); judge the rest
+    # A switch may also slow the step after it (the parking copies run during it), so a stall is
+    # the excess of the switching step and the next one over two plain steps.
     first = blocks * every
-    plain = [w for w, s in zip(walls[first:], switched[first:]) if not s]
-    switches = [w for w, s in zip(walls[first:], switched[first:]) if s]
+    at_switch = [i for i in range(first, steps - 1) if switched[i]]
+    touched = set(at_switch) | {i + 1 for i in at_switch}
+    plain = [walls[i] for i in range(first, steps) if i not in touched]
     base = median(plain)
-    stalls = [w - base for w in switches]
+    switches = [walls[i] for i in at_switch]
+    stalls = [walls[i] + walls[i + 1] - 2 * base for i in at_switch]
     row = dict(method=kind, blocks=blocks, switch_every=every, steps=steps, construct_s=construct_s,
                plain_step_ms=base, switch_step_ms=median(switches), stall_ms_median=median(stalls),
                stall_ms_max=max(stalls) if stalls else None,

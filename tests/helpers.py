@@ -63,12 +63,17 @@ def make(cls, dtype=torch.float32, base=torch.optim.AdamW, base_kw=None, model_k
     return model, opt
 
 
-def persistent_per_block_adamw(steps, switch_every, order, device="cpu"):
-    """The reference for `offload`: one AdamW per block whose state is never reset."""
+def persistent_per_block_adamw(steps, switch_every, order, device="cpu", lr=1e-2):
+    """The reference for `offload`: one AdamW per block whose state is never reset.
+
+    The single-tensor AdamW (``foreach=False``) does the reference backend's operations in the same
+    order, on CUDA as on CPU.
+    """
     model = tiny_llama(device=device)
     blocks = [[p for n, p in model.named_parameters() if n.startswith(f"model.layers.{b}.")] for b in range(3)]
-    opts = [torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0) for params in blocks]
-    step_blocks = [order[0]] * (switch_every - 1)  # badam's first block trains one step less
+    opts = [torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=False) for params in blocks]
+    # badam's first block trains one step less (the switch test runs after the step counter moved)
+    step_blocks = [order[0]] * max(switch_every - 1, 1)
     k = 1
     while len(step_blocks) < steps:
         step_blocks += [order[k % len(order)]] * switch_every

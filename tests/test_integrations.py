@@ -131,6 +131,7 @@ def test_plain_trainer_with_make_badam_optimizer(tmp_path):
 
 def _plain_steps(model, opt, data, sched=None):
     for ids in data:
+        ids = ids.to(model.device)
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         if sched is not None:

@@ -28,12 +28,15 @@ def test_park_and_take_round_trip_is_exact():
 @pytest.mark.parametrize("switch_every", [1, 2, 4])
 def test_offload_on_cuda_equals_states_kept_in_place(backend, switch_every):
     """switch_every=1 switches at every step: prefetch, park and take all overlap; no race may show."""
+    # lr 1e-3: at 1e-2 this tiny model is chaotic, and the fused kernels' rounding (not a race)
+    # moves it by 1e-3 within 24 steps
     model, opt = make(BlockOptimizer, switch_block_every=switch_every, switch_mode="descending",
-                      state_policy="offload", backend=backend, model_kw={"device": "cuda"})
+                      state_policy="offload", backend=backend, base_kw={"lr": 1e-3}, model_kw={"device": "cuda"})
     steps = 24
     train(model, opt, steps)
-    ref = persistent_per_block_adamw(steps, switch_every, order=[2, 1, 0], device="cuda")
-    assert max_rel_diff(ref, snapshot(model)) <= 1e-5
+    ref = persistent_per_block_adamw(steps, switch_every, order=[2, 1, 0], device="cuda", lr=1e-3)
+    # the reference backend does torch's single-tensor AdamW's operations in the same order: exact
+    assert max_rel_diff(ref, snapshot(model)) <= (0.0 if backend == "reference" else 1e-5)
 
 
 def test_offload_host_buffers_are_pinned_up_front_and_reused():
