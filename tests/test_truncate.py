@@ -18,6 +18,7 @@ class LayerProbe:
     many times its MLP ran forward (twice means checkpointing recomputed it)."""
 
     def __init__(self, model):
+        self.model = model
         self.graph, self.backward, self.forwards = set(), set(), {}
         self.handles = []
         for i, layer in enumerate(find_layer_stack(model)):
@@ -38,11 +39,11 @@ class LayerProbe:
         return hook
 
 
-def grads_of(model, prefix, ckpt, truncate):
+def grads_of(model, prefix, ckpt, truncate, keep=0):
     activate(model, prefix)
     if ckpt != "none":
         enable_checkpointing(model, reentrant=ckpt == "reentrant")
-    handle = truncate_backward(model) if truncate else None
+    handle = truncate_backward(model, keep_activations=keep) if truncate else None
     probe = LayerProbe(model)
     lm_loss(model, batches(1, seq=16)[0]).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -65,6 +66,27 @@ def test_layers_below_active_block_build_no_graph(ckpt, block):
     assert grads.keys() == reference.keys() and len(grads) == 9
     for name in reference:
         torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("ckpt", ["reentrant", "nonreentrant"])
+@pytest.mark.parametrize("block, keep", [(0, 2), (1, "all"), (2, 1), (3, 3)])
+def test_kept_layers_skip_the_recompute_and_gradients_are_unchanged(ckpt, block, keep):
+    prefix = f"model.layers.{block}."
+    reference, _ = grads_of(tiny_llama(layers=LAYERS), prefix, "none", truncate=False)
+    grads, probe = grads_of(tiny_llama(layers=LAYERS), prefix, ckpt, truncate=True, keep=keep)
+    kept = range(block, LAYERS) if keep == "all" else range(max(block, LAYERS - keep), LAYERS)
+    assert probe.graph == probe.backward == set(range(block, LAYERS))
+    assert probe.forwards == {i: 2 if block <= i and i not in kept else 1 for i in range(LAYERS)}
+    assert grads.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-7)
+    assert all(layer.gradient_checkpointing for layer in find_layer_stack(probe.model))  # restored
+
+
+@pytest.mark.parametrize("keep", [-1, 1.5, True, "some"])
+def test_keep_activations_must_be_a_count_or_all(keep):
+    with pytest.raises(ValueError, match="keep_activations"):
+        truncate_backward(tiny_llama(layers=LAYERS), keep_activations=keep)
 
 
 @pytest.mark.parametrize("ckpt", ["reentrant", "nonreentrant"])
