@@ -81,6 +81,9 @@ class BlockOptimizer(Optimizer):
         seed: seed of the random block order (default: drawn from torch's global RNG).
     """
 
+    group_class = FlatGroup  # builds the active block's flat groups (sharded.py: ShardedFlatGroup)
+    norm_in_kernel = True  # one fused group: the kernel computes, checks and clips the norm
+
     def __init__(
         self,
         base_optimizer: Optimizer,
@@ -193,10 +196,14 @@ class BlockOptimizer(Optimizer):
             for gi, group_entries in enumerate(self._block_entries(block)):
                 if group_entries[0].param.device.type != "cuda":
                     continue
-                numel = layout(group_entries)[2]
+                numel = self._flat_numel(group_entries)
                 self.park.reserve((block, gi), state_specs(group_entries[0].param.dtype, numel,
                                                            keep_master=self.master_weights, with_moments=self.fused,
                                                            state_dtype=self.state_dtype))
+
+    def _flat_numel(self, entries: List[Entry]) -> int:
+        """Length of the flat buffers of one group (padding included)."""
+        return layout(entries)[2]
 
     def _activate(self, block: int, saved: Optional[dict] = None) -> None:
         """Make ``block`` trainable: freeze the rest, flatten its parameters, set up its states."""
@@ -205,8 +212,8 @@ class BlockOptimizer(Optimizer):
             param.requires_grad_(i in active)
             if i not in active:
                 param.grad = None
-        self.groups = [FlatGroup(group_entries, keep_master=self.master_weights, with_moments=self.fused,
-                                 state_dtype=self.state_dtype) for group_entries in self._block_entries(block)]
+        self.groups = [self.group_class(group_entries, keep_master=self.master_weights, with_moments=self.fused,
+                                        state_dtype=self.state_dtype) for group_entries in self._block_entries(block)]
         if self.fused:  # a forced backend that cannot run here fails now, with its reason
             for group in self.groups:
                 ops.resolve_backend(self.backend, group.device)
@@ -279,11 +286,7 @@ class BlockOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.groups:
-            missing = group.collect_grads()
-            if missing:
-                raise RuntimeError(f"no gradient for the active parameters {missing[:3]}"
-                                   f"{' ...' if len(missing) > 3 else ''}: run backward before step()")
+        self._collect_grads()
         self._reduce_gradients()
         if self._grads_finite_or_clipped():
             if self.fused:
@@ -300,6 +303,15 @@ class BlockOptimizer(Optimizer):
                 self._prefetch_next()
         return loss
 
+    def _collect_grads(self) -> None:
+        # A method of its own so that no local variable of step() still holds an outgoing group when
+        # switch_block() builds the next one: its master and moments would be alive twice at the peak.
+        for group in self.groups:
+            missing = group.collect_grads()
+            if missing:
+                raise RuntimeError(f"no gradient for the active parameters {missing[:3]}"
+                                   f"{' ...' if len(missing) > 3 else ''}: run backward before step()")
+
     def _reduce_gradients(self) -> None:
         """Where data-parallel training averages the active block's flat gradients (see distributed.py)."""
 
@@ -314,7 +326,7 @@ class BlockOptimizer(Optimizer):
         Returns False when the step must be skipped. Only this multi-group / fallback path reads
         the norm back to the host.
         """
-        if self.fused and len(self.groups) == 1:
+        if self.norm_in_kernel and self.fused and len(self.groups) == 1:
             return True
         if self.max_grad_norm is None and not self.skip_nonfinite:
             self.last_grad_norm = None
@@ -331,7 +343,7 @@ class BlockOptimizer(Optimizer):
         return True
 
     def _fused_step(self) -> None:
-        one_group = len(self.groups) == 1
+        one_group = self.norm_in_kernel and len(self.groups) == 1
         defaults = self.defaults
         for group in self.groups:
             norm = ops.adamw_step(
