@@ -107,14 +107,15 @@ class Method:
             self.optimizer.zero_grad(set_to_none=True)
 
 
-def method_ours(model, K, start_block=None, backend=None, policy="reset", fused_ce=False, **extra):
+def method_ours(model, K, start_block=None, backend=None, policy="reset", fused_ce=False, keep_activations=0,
+                **extra):
     from badam_kernels import BlockOptimizer, truncate_backward
 
     base = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     mode = "fixed" if start_block is not None else "descending"
     opt = BlockOptimizer(base, list(model.named_parameters()), switch_block_every=K, switch_mode=mode,
                          start_block=start_block, verbose=0, backend=backend, state_policy=policy, **extra)
-    truncate_backward(model)
+    truncate_backward(model, keep_activations=keep_activations)
     return Method(opt, fused_ce_loss if fused_ce else hf_loss)
 
 
@@ -176,17 +177,20 @@ def _stub_bitsandbytes():
 
 
 DEFAULT_METHODS = {
-    "1b": ["ours", "ours_fused_ce", "ours_lowmem", "ours_offload", "ours_cuda", "badam_official", "adamw_fused",
+    "1b": ["ours", "ours_fast", "ours_fast_ce", "ours_fused_ce", "ours_lowmem", "ours_offload", "ours_cuda", "badam_official", "adamw_fused",
            "lora_r8", "galore", "lomo"],
     # GaLore's first step takes a full SVD of 224 large matrices (minutes); offload would pin 84 GB of host memory
-    "8b": ["ours", "ours_fused_ce", "ours_lowmem", "badam_official", "adamw_fused", "lora_r8", "lomo"],
-    "tiny": ["ours", "ours_offload", "badam_official", "adamw_fused", "lora_r8", "galore", "lomo"],
+    "8b": ["ours", "ours_fast", "ours_fast_ce", "ours_fused_ce", "ours_lowmem", "badam_official", "adamw_fused", "lora_r8", "lomo"],
+    "tiny": ["ours", "ours_fast", "ours_offload", "badam_official", "adamw_fused", "lora_r8", "galore", "lomo"],
 }
 
 METHODS: Dict[str, Callable] = {
     "ours": method_ours,
     "ours_offload": lambda m, K, **kw: method_ours(m, K, policy="offload", **kw),
     "ours_fused_ce": lambda m, K, **kw: method_ours(m, K, fused_ce=True, **kw),
+    # no recompute above the active block: frozen layers keep their activations
+    "ours_fast": lambda m, K, **kw: method_ours(m, K, keep_activations="all", **kw),
+    "ours_fast_ce": lambda m, K, **kw: method_ours(m, K, fused_ce=True, keep_activations="all", **kw),
     "ours_lowmem": lambda m, K, **kw: method_ours(m, K, fused_ce=True, master_weights=False,
                                                  state_dtype=torch.bfloat16, **kw),
     "ours_reference": lambda m, K, **kw: method_ours(m, K, backend="reference", **kw),
@@ -205,6 +209,7 @@ def timed_steps(model, method: Method, batches, steps: int, warmup: int, device:
     """Run warmup + steps; per step: forward, backward, optimizer (incl. switch) milliseconds."""
     rows = []
     loss = None
+    phase_peaks = PhasePeaks(device)
     for i in range(warmup + steps):
         ids = batches[i % len(batches)]
         if device == "cuda":
@@ -214,10 +219,13 @@ def timed_steps(model, method: Method, batches, steps: int, warmup: int, device:
         loss = method.loss_fn(model, ids)
         if device == "cuda":
             events[1].record()
+        phase_peaks.end("forward")
         method.run_backward(loss)
         if device == "cuda":
             events[2].record()
+        phase_peaks.end("backward")
         method.run_step()
+        phase_peaks.end("step")
         if device == "cuda":
             events[3].record()
             torch.cuda.synchronize()
@@ -246,14 +254,36 @@ def timed_steps(model, method: Method, batches, steps: int, warmup: int, device:
         "optimizer_ms": opt_plain,
         "switch_ms": median([r["optimizer_ms"] - opt_plain for r in switches]) if switches else None,
         "loss_last": float(loss.detach().float()) if loss is not None else None,
+        **phase_peaks.report(),
     }
 
 
+class PhasePeaks:
+    """Peak allocated memory within each phase of a step (forward, backward, step with its switch),
+    over all steps: where a method's peak sits. The peak counter is reset at each phase's end."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+        self.peaks: Dict[str, int] = {}
+
+    def end(self, phase: str) -> None:
+        if self.cuda:
+            self.peaks[phase] = max(self.peaks.get(phase, 0), torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+
+    def report(self) -> dict:
+        return {f"peak_{phase}_GiB": peak / 2**30 for phase, peak in self.peaks.items()}
+
+
 def measure(shape: str, name: str, checkpointing: bool, batch: int, seq: int, steps: int, warmup: int,
-            K: int, device: str, **method_kw) -> dict:
-    """One method on a fresh model; OOM is a result, not a crash."""
+            K: int, device: str, memory_gib: Optional[float] = None, **method_kw) -> dict:
+    """One method on a fresh model; OOM is a result, not a crash. ``memory_gib`` caps what this
+    process may allocate (the capacity experiment's GPU size)."""
     row = dict(shape=shape, method=name, batch=batch, seq=seq, checkpointing=checkpointing, **method_kw)
     model = method = None
+    if memory_gib is not None and device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_gib * 2**30 / total))
     try:
         model = build_model(shape, checkpointing, device)
         batches = make_batches(shape, batch, seq, device)
@@ -265,8 +295,9 @@ def measure(shape: str, name: str, checkpointing: bool, batch: int, seq: int, st
         result = timed_steps(model, method, batches, steps, warmup, device)
         row.update(result, status="ok", tokens_per_s=batch * seq / result["step_s_mean"])
         row[f"tokens_per_s_at_K{STEADY_K}"] = batch * seq / result[f"step_s_at_K{STEADY_K}"]
-        if device == "cuda":
-            row.update(peak_mem_GiB=torch.cuda.max_memory_allocated() / 2**30, model_GiB=base_mem / 2**30)
+        if device == "cuda":  # the phases' peaks cover the whole run (model building excluded)
+            peak = max(result.get(f"peak_{p}_GiB", 0.0) for p in ("forward", "backward", "step"))
+            row.update(peak_mem_GiB=max(peak, torch.cuda.max_memory_allocated() / 2**30), model_GiB=base_mem / 2**30)
     except torch.cuda.OutOfMemoryError:
         row.update(status="OOM")
     except ImportError as exc:
@@ -339,22 +370,20 @@ def run_full(args, device) -> dict:
             row = measure_isolated(args.shape, name, checkpointing, batch, seq, steps, warmup=warmup, K=K, device=device)
             rows.append(row)
             print_table([row], ["method", "checkpointing", "tokens_per_s", f"tokens_per_s_at_K{STEADY_K}", "forward_ms",
-                                "backward_ms", "optimizer_ms", "switch_ms", "peak_mem_GiB", "loss_last", "status"])
+                                "backward_ms", "optimizer_ms", "switch_ms", "peak_mem_GiB", "peak_forward_GiB",
+                                "peak_backward_GiB", "peak_step_GiB", "loss_last", "status"])
     return {"experiment": "block_epoch", "shape": args.shape, "switch_every": K, "rows": rows}
 
 
 def run_capacity(args, device) -> dict:
     """The largest batch that fits in ``--memory-gib`` for this package and the official badam."""
-    if device == "cuda":
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total))
     seq = args.seq or SHAPES[args.shape]["seq"]
-    layers = SHAPES[args.shape]["num_hidden_layers"]
     rows = []
     for name in args.methods or ["ours_fused_ce", "ours", "badam_official"]:
         for batch in args.capacity or [2, 4, 8, 16, 32, 64]:
+            # block 0 active: the whole stack keeps its checkpointed inputs, the worst case for truncation
             row = measure_isolated(args.shape, name, True, batch, seq, steps=2, warmup=1, K=10_000, device=device,
-                          start_block=layers // 2)
+                                   memory_gib=args.memory_gib, start_block=0)
             rows.append(row)
             print_table([row], ["method", "batch", "tokens_per_s", "peak_mem_GiB", "status"])
             if row["status"] != "ok":
