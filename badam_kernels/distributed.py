@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from .optimizer import BlockOptimizer
 
-__all__ = ["DataParallelBlockOptimizer", "init_distributed", "is_main_process"]
+__all__ = ["DataParallelBlockOptimizer", "agreed_seed", "comm_device", "init_distributed", "is_main_process"]
 
 
 def init_distributed(backend: Optional[str] = None) -> Tuple[int, int, torch.device]:
@@ -59,6 +59,22 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def comm_device(process_group=None) -> torch.device:
+    """Where the group's collectives take their tensors: the current GPU for NCCL, else the CPU."""
+    if dist.get_backend(process_group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agreed_seed(seed: Optional[int], process_group=None) -> int:
+    """Rank 0's seed (drawn from its global RNG when None) on every rank of the group: one broadcast."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    t = torch.tensor([seed], dtype=torch.int64, device=comm_device(process_group))
+    dist.broadcast(t, group_src=0, group=process_group)
+    return int(t.item())
+
+
 class DataParallelBlockOptimizer(BlockOptimizer):
     """``BlockOptimizer`` whose active block's gradients are averaged over the ranks of a process group.
 
@@ -81,8 +97,6 @@ class DataParallelBlockOptimizer(BlockOptimizer):
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
-        self._comm_device = (torch.device("cuda", torch.cuda.current_device())
-                             if dist.get_backend(process_group) == "nccl" else torch.device("cpu"))
         self.bytes_reduced_last_step = 0
         self.bytes_reduced_total = 0
         self.overlap = overlap
@@ -94,19 +108,11 @@ class DataParallelBlockOptimizer(BlockOptimizer):
         self._check_same_parameters(named)
         if sync_module_states:
             self._broadcast_parameters(named)
-        super().__init__(base_optimizer, named, *args, seed=self._agreed_seed(seed), **kwargs)
+        super().__init__(base_optimizer, named, *args, seed=agreed_seed(seed, process_group), **kwargs)
 
     # ---------------------------------------------------------------- agreement at construction
     def _broadcast_from_rank0(self, tensor: torch.Tensor) -> None:
         dist.broadcast(tensor, group_src=0, group=self.process_group)
-
-    def _agreed_seed(self, seed: Optional[int]) -> int:
-        """Rank 0's seed (drawn from its global RNG when None) on every rank."""
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
-        t = torch.tensor([seed], dtype=torch.int64, device=self._comm_device)
-        self._broadcast_from_rank0(t)
-        return int(t.item())
 
     def _check_same_parameters(self, named) -> None:
         """One small all-gather: every rank must hold the same parameter names, shapes and dtypes."""

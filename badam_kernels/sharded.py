@@ -1,0 +1,354 @@
+"""Sharded BAdam on FSDP2 (``torch.distributed.fsdp.fully_shard``): each rank keeps 1/N of every layer.
+
+``shard_model`` puts each decoder layer and then the root under ``fully_shard``; the parameters become
+DTensors whose local shards FSDP2 owns. ``FlatGroup`` (``block_state.py``) makes the model's
+parameters views of its flat buffer, but FSDP2 all-gathers from storage of its own (a padded
+buffer that the local shard is a view of), so a ``ShardedFlatGroup`` keeps *copies* instead: the
+rank's local shards are staged into the flat ``param`` buffer before the fused step and copied back
+in place afterwards, into the very tensors FSDP2 all-gathers at the next forward. Gradients arrive as
+DTensor shards that FSDP2 reduce-scatters and averages itself; they are moved into the flat grad
+buffer at step time and ``.grad`` becomes a DTensor view of it. Master weights and Adam moments
+exist only for the local shard, so optimizer memory is 1/N of the unsharded BAdam's as well.
+
+What crosses the wire: in forward an all-gather of every layer (all of them run), in backward an
+all-gather of each layer that backward visits (with ``truncate_backward``, the active block and the
+layers above it, plus the layer just below, which FSDP2's backward prefetch gathers in vain) and a
+reduce-scatter of the active block's gradients only, since nothing else requires grad; per step one
+scalar all-reduce for the global gradient norm when clipping or checking for non-finite gradients.
+
+Checkpoints go through ``torch.distributed.checkpoint`` with optimizer states as DTensors of the
+parameters' global shapes, so a run saved on N ranks resumes on M (``save_checkpoint`` /
+``load_checkpoint``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from .block_state import Entry, FlatGroup, layout, state_specs
+from .distributed import agreed_seed, comm_device
+from .models import find_layer_stack
+from .optimizer import STATE_DICT_FORMAT, BlockOptimizer, _fused_adamw_eligible
+
+__all__ = ["ShardedBlockOptimizer", "ShardedFlatGroup", "load_checkpoint", "save_checkpoint", "shard_model"]
+
+DCP_FORMAT = "badam_kernels.ShardedBlockOptimizer.dcp/1"
+_META_KEYS = ("param_names", "param_groups", "global_step", "state_policy")
+
+
+def shard_model(model: nn.Module, mesh=None, reshard_after_forward: bool = True, mp_policy=None) -> nn.Module:
+    """Put each layer of the model's layer stack, then the model itself, under FSDP2's ``fully_shard``.
+
+    ``mesh`` (default: every rank of the world, on the default device type), ``reshard_after_forward``
+    and ``mp_policy`` (a ``MixedPrecisionPolicy``) are passed to every ``fully_shard`` call. The
+    parameters become DTensors sharded on dim 0. Returns the model (sharded in place).
+    """
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for layer in find_layer_stack(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def _local(t: Tensor) -> Tensor:
+    """The rank's shard of a DTensor (FSDP2's own storage, to be written in place), else the tensor."""
+    if not isinstance(t, DTensor):
+        return t
+    with torch.no_grad():  # without grad mode, to_local is the local tensor itself, not an autograd alias
+        return t.to_local()
+
+
+def _as_global(local: Tensor, like: Tensor) -> Tensor:
+    """``local`` as the shard of a DTensor laid out like parameter ``like`` (plain tensors stay plain)."""
+    if not isinstance(like, DTensor):
+        return local
+    return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
+
+
+def _copies(param: Tensor, world_size: int) -> int:
+    """On how many ranks the same local shard of ``param`` lives (plain tensors: on all of them)."""
+    if not isinstance(param, DTensor):
+        return world_size
+    mesh = param.device_mesh
+    return math.prod(mesh.size(d) for d, p in enumerate(param.placements) if not p.is_shard())
+
+
+def _copy_checked(dst: Tensor, src: Tensor, what: str) -> None:
+    if src.shape != dst.shape:  # copy_ would broadcast silently
+        raise ValueError(f"checkpoint holds {what} with local shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+@dataclass
+class LocalLayout:
+    """A flat group's layout over the rank's local shards (``block_state.layout`` of their sizes)."""
+
+    entries: List[Entry]  # the real parameters, in flat order
+    offsets: List[int]
+    shapes: List[torch.Size]  # local shard shapes (may be empty on the last ranks)
+    numel: int
+    decay_numel: int
+
+    @classmethod
+    def of(cls, entries: Sequence[Entry]) -> "LocalLayout":
+        local = [Entry(e.index, e.name, _local(e.param), e.decay) for e in entries]
+        ordered, offsets, numel, decay_numel = layout(local)
+        by_index = {e.index: e for e in entries}
+        return cls([by_index[e.index] for e in ordered], offsets, [e.param.shape for e in ordered], numel, decay_numel)
+
+    def views(self, flat: Tensor) -> List[Tensor]:
+        return [flat[o:o + s.numel()].view(s) for o, s in zip(self.offsets, self.shapes)]
+
+
+class ShardedFlatGroup(FlatGroup):
+    """A ``FlatGroup`` over the local shards of DTensor parameters (plain parameters work too).
+
+    The flat buffers hold copies of the local shards: ``pull_params`` refreshes the ``param`` buffer
+    from them, ``push_params`` writes it back in place. Gradients are adopted at step time
+    (``collect_grads``), each ``.grad`` then being a DTensor view of the flat grad buffer, so that
+    FSDP2 accumulates later backward passes straight into it. No post-accumulate-grad hooks.
+    """
+
+    def __init__(self, entries: Sequence[Entry], *, keep_master: bool, with_moments: bool,
+                 state_dtype: torch.dtype = torch.float32):
+        self.layout = LocalLayout.of(entries)
+        self.entries, self.offsets = self.layout.entries, self.layout.offsets
+        self.numel, self.decay_numel = self.layout.numel, self.layout.decay_numel
+        first = self.entries[0].param
+        self.dtype, self.device = first.dtype, _local(first).device
+        self.padded = self.numel != sum(s.numel() for s in self.layout.shapes)
+        new = torch.zeros if self.padded else torch.empty  # padding holds zeros in every buffer
+        self.param = new(self.numel, dtype=self.dtype, device=self.device)
+        self.pull_params()
+        self.grad: Optional[Tensor] = None
+        self._views_of_grad: List[Tensor] = []
+        self._hooks = []
+        self.master = self.exp_avg = self.exp_avg_sq = None
+        specs = state_specs(self.dtype, self.numel, keep_master=keep_master, with_moments=with_moments,
+                            state_dtype=state_dtype)
+        for name, (shape, dtype) in specs.items():
+            if name != "step":
+                setattr(self, name, new(shape, dtype=dtype, device=self.device))
+        self.step = torch.zeros(1, dtype=torch.float32, device=self.device)
+
+    def _views(self, flat: Tensor) -> List[Tensor]:
+        return self.layout.views(flat)
+
+    @torch.no_grad()
+    def pull_params(self) -> None:
+        """Copy the local shards into the flat ``param`` buffer (they may have been loaded meanwhile)."""
+        for e, view in zip(self.entries, self._views(self.param)):
+            view.copy_(_local(e.param))
+
+    @torch.no_grad()
+    def push_params(self) -> None:
+        """Copy the flat ``param`` buffer back into the local shards, in place (what FSDP2 all-gathers)."""
+        for e, view in zip(self.entries, self._views(self.param)):
+            _local(e.param).copy_(view)
+
+    def _adopt_grad(self, k: int) -> None:
+        """Move parameter k's (local) gradient into the buffer; ``.grad`` becomes a (DTensor) view of it."""
+        param = self.entries[k].param
+        if param.grad is None:
+            return
+        view = self._grad_views()[k]
+        local = _local(param.grad)
+        if local.data_ptr() != view.data_ptr():
+            view.copy_(local)
+            param.grad = _as_global(view, param)
+
+    def replicated_grads(self) -> List[Tensor]:
+        """Gradient views of the plain (not sharded) parameters, which FSDP2 does not reduce."""
+        return [v for e, v in zip(self.entries, self._grad_views()) if not isinstance(e.param, DTensor)]
+
+    def local_sq_norm(self, world_size: int) -> Tensor:
+        """This rank's share of the squared gradient norm: a shard held by c ranks counts 1/c on each."""
+        weights = [1.0 / _copies(e.param, world_size) for e in self.entries]
+        if len(set(weights)) == 1:
+            return self.grad.float().square().sum() * weights[0]
+        return sum(v.float().square().sum() * w for v, w in zip(self._grad_views(), weights))
+
+
+class ShardedBlockOptimizer(BlockOptimizer):
+    """``BlockOptimizer`` over a model sharded with FSDP2 (see :func:`shard_model`).
+
+    Takes the arguments of :class:`BlockOptimizer` plus, keyword-only, ``process_group``: the ranks
+    of the parameters' mesh (default: the whole world), over which the gradient norm is summed and
+    rank 0's seed of the random block order is broadcast. Needs an Adam/AdamW base optimizer (the
+    fused path) and an initialised process group. Every rank must call ``step`` (it holds a
+    collective when clipping or checking for non-finite gradients), and call it while FSDP2 holds the
+    parameters sharded, as it does after backward: a module left unsharded across ``step`` (a
+    forward in between with ``reshard_after_forward=False``) would run its next forward with the
+    old weights and ``requires_grad``.
+
+    Semantics are those of :class:`BlockOptimizer` (schedule, ``reset``/``offload``, master weights or
+    stochastic rounding, ``max_grad_norm`` on the global norm, ``skip_nonfinite``), with each rank
+    updating its shards. ``dcp_state_dict``/``load_dcp_state_dict`` checkpoint with
+    ``torch.distributed.checkpoint`` across world sizes; ``state_dict`` stays the per-rank one.
+    """
+
+    group_class = ShardedFlatGroup
+    norm_in_kernel = False  # the norm spans every rank's shard: checked and clipped before the kernel
+
+    def __init__(self, base_optimizer, named_parameters_list, *args, process_group=None,
+                 seed: Optional[int] = None, **kwargs):
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call badam_kernels.distributed."
+                               "init_distributed() first (under torchrun)")
+        if not _fused_adamw_eligible(base_optimizer):
+            raise ValueError("ShardedBlockOptimizer needs an Adam/AdamW base optimizer (the fused path)")
+        self.process_group = process_group
+        self.world_size = dist.get_world_size(process_group)
+        self._comm_device = comm_device(process_group)
+        super().__init__(base_optimizer, named_parameters_list, *args, seed=agreed_seed(seed, process_group),
+                         **kwargs)
+
+    def _flat_numel(self, entries: List[Entry]) -> int:
+        return LocalLayout.of(entries).numel
+
+    # ---------------------------------------------------------------- the step
+    def _reduce_gradients(self) -> None:
+        """FSDP2 reduce-scattered and averaged the DTensor gradients; plain parameters are averaged here."""
+        if self.world_size == 1:
+            return
+        for group in self.groups:
+            for grad in group.replicated_grads():
+                dist.all_reduce(grad, group=self.process_group)
+                grad.div_(self.world_size)
+
+    def _global_grad_norm(self) -> Tensor:
+        """L2 norm of the active block's whole (unscaled) gradient: one all-reduce of the squared shares."""
+        sq = torch.stack([g.local_sq_norm(self.world_size).to(self._comm_device) for g in self.groups]).sum()
+        dist.all_reduce(sq, group=self.process_group)
+        scale = getattr(self, "grad_scale", None)  # GradScaler: the grads are still scaled
+        return sq.sqrt() if scale is None else sq.sqrt() / scale
+
+    def _grads_finite_or_clipped(self) -> bool:
+        """The base class's finite check and clipping, on the norm over every rank's shards."""
+        if self.max_grad_norm is None and not self.skip_nonfinite:
+            self.last_grad_norm = None
+            return True
+        norm = self._global_grad_norm()
+        self.last_grad_norm = norm
+        if self.skip_nonfinite and not bool(torch.isfinite(norm)):
+            return False
+        if self.max_grad_norm is not None:
+            coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            for g in self.groups:
+                g.grad.mul_(coef.to(g.grad.device, g.grad.dtype))
+        return True
+
+    def _fused_step(self) -> None:
+        for group in self.groups:
+            group.pull_params()
+        super()._fused_step()
+        for group in self.groups:
+            group.push_params()
+
+    # ---------------------------------------------------------------- DCP checkpoints
+    def _layouts(self, block: int) -> List[LocalLayout]:
+        return [LocalLayout.of(entries) for entries in self._block_entries(block)]
+
+    def _param_states(self, block: int, flats: List[Dict[str, Tensor]]) -> Dict[str, Dict[str, Tensor]]:
+        """Flat states of a block's groups as {parameter name: {state: DTensor of the global shape}}."""
+        out: Dict[str, Dict[str, Tensor]] = {}
+        for lay, flat in zip(self._layouts(block), flats):
+            for key, buf in flat.items():
+                if key != "step":
+                    for e, view in zip(lay.entries, lay.views(buf)):
+                        out.setdefault(e.name, {})[key] = _as_global(view, e.param)
+        return out
+
+    def _flat_states(self, block: int, per_param: Dict[str, Dict[str, Tensor]],
+                     steps: List[float]) -> List[Dict[str, Tensor]]:
+        """The inverse of ``_param_states``: this rank's flat state buffers of the block (on the CPU)."""
+        flats = []
+        for lay, step in zip(self._layouts(block), steps):
+            flat = {}
+            for key, some in per_param[lay.entries[0].name].items():
+                flat[key] = torch.zeros(lay.numel, dtype=some.dtype)
+                for e, view in zip(lay.entries, lay.views(flat[key])):
+                    _copy_checked(view, _local(per_param[e.name][key]), f"{key} of {e.name}")
+            flat["step"] = torch.tensor([step], dtype=torch.float32)
+            flats.append(flat)
+        return flats
+
+    def _zero_flats(self, block: int) -> List[Dict[str, Tensor]]:
+        """Empty flat states of the block, to be filled by ``dcp.load``."""
+        return [{key: torch.zeros(shape, dtype=dtype) for key, (shape, dtype) in
+                 state_specs(lay.entries[0].param.dtype, lay.numel, keep_master=self.master_weights,
+                             with_moments=self.fused, state_dtype=self.state_dtype).items()}
+                for lay in self._layouts(block)]
+
+    def dcp_state_dict(self, meta: Optional[dict] = None) -> dict:
+        """The optimizer's state for ``torch.distributed.checkpoint``: ``{"meta": ..., "states": ...}``.
+
+        ``states[str(block)][param_name]`` holds ``master``/``exp_avg``/``exp_avg_sq`` as DTensors with
+        the parameter's mesh, placements and global shape, for the active block and (``offload``)
+        every parked block; ``meta`` the bookkeeping as plain values (global step, schedule, each
+        block's step counters, hyperparameters). Given ``meta`` (a checkpoint's, loaded first), the
+        result is instead a template of that checkpoint's states to ``dcp.load`` into: which blocks
+        hold states depends on the saved run, so the bookkeeping must be known before the tensors.
+        """
+        if meta is not None:
+            blocks = [int(block) for block, _ in meta["steps"]]
+            return {"meta": meta, "states": {str(b): self._param_states(b, self._zero_flats(b)) for b in blocks}}
+        sd = self.state_dict()  # CPU copies of the active and parked flat states
+        flats = {self.active_block: sd["active_states"]}
+        for (block, _), states in sorted(sd["parked"].items()):
+            flats.setdefault(block, []).append(states)
+        meta = {key: sd[key] for key in _META_KEYS}
+        meta.update(format=DCP_FORMAT, schedule={**sd["schedule"], "generator": sd["schedule"]["generator"].tolist()},
+                    steps=[[block, [float(s["step"]) for s in fl]] for block, fl in flats.items()])
+        return {"meta": meta, "states": {str(b): self._param_states(b, fl) for b, fl in flats.items()}}
+
+    def load_dcp_state_dict(self, state_dict: dict) -> None:
+        """Resume from a ``dcp_state_dict(meta)`` template that ``dcp.load`` filled (see ``load_checkpoint``).
+
+        Works on any number of ranks; the model's weights are restored separately (``set_model_state_dict``).
+        """
+        meta = state_dict["meta"]
+        if meta.get("format") != DCP_FORMAT:
+            raise ValueError("not a badam_kernels.ShardedBlockOptimizer DCP state dict")
+        steps = {int(block): s for block, s in meta["steps"]}
+        if set(state_dict["states"]) != {str(b) for b in steps}:
+            raise ValueError(f"the states hold blocks {sorted(state_dict['states'])}, the checkpoint's bookkeeping "
+                             f"{sorted(steps)}: build the template with dcp_state_dict(meta) after loading the meta")
+        flats = {b: self._flat_states(b, state_dict["states"][str(b)], s) for b, s in steps.items()}
+        schedule = {**meta["schedule"], "generator": torch.tensor(meta["schedule"]["generator"], dtype=torch.uint8)}
+        self.load_state_dict({
+            **{key: meta[key] for key in _META_KEYS}, "format": STATE_DICT_FORMAT, "schedule": schedule,
+            "active_states": flats.pop(int(schedule["active"])), "active_base_state": None,
+            "parked": {(b, gi): s for b, fl in flats.items() for gi, s in enumerate(fl)}, "parked_base": {}})
+
+
+def save_checkpoint(path, model: nn.Module, optimizer: ShardedBlockOptimizer) -> None:
+    """Save the sharded model and optimizer with ``torch.distributed.checkpoint`` (every rank calls it)."""
+    state = {"model": get_model_state_dict(model), "optim": optimizer.dcp_state_dict()}
+    dcp.save(state, checkpoint_id=path, process_group=optimizer.process_group)
+
+
+def load_checkpoint(path, model: nn.Module, optimizer: ShardedBlockOptimizer) -> None:
+    """Resume ``save_checkpoint``'s checkpoint, saved on any number of ranks (every rank calls it).
+
+    Two reads: first the optimizer's bookkeeping (which blocks hold states), then the model's
+    weights and those states, into a template shaped by it.
+    """
+    group = optimizer.process_group
+    meta = {"optim": {"meta": optimizer.dcp_state_dict()["meta"]}}
+    dcp.load(meta, checkpoint_id=path, process_group=group)
+    state = {"model": get_model_state_dict(model), "optim": optimizer.dcp_state_dict(meta["optim"]["meta"])}
+    dcp.load(state, checkpoint_id=path, process_group=group)
+    set_model_state_dict(model, state["model"])
+    optimizer.load_dcp_state_dict(state["optim"])
