@@ -331,8 +331,7 @@ class BlockOptimizer(Optimizer):
         if self.max_grad_norm is None and not self.skip_nonfinite:
             self.last_grad_norm = None
             return True
-        norms = [torch.linalg.vector_norm(g.grad.float(), 2) for g in self.groups]
-        norm = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2)
+        norm = self._grad_norm()
         self.last_grad_norm = norm
         if self.skip_nonfinite and not bool(torch.isfinite(norm)):
             return False
@@ -341,6 +340,14 @@ class BlockOptimizer(Optimizer):
             for g in self.groups:
                 g.grad.mul_(coef.to(g.grad.device, g.grad.dtype))
         return True
+
+    def _grad_norm(self) -> torch.Tensor:
+        """L2 norm of the active block's whole gradient, unscaled: under GradScaler the gradients are
+        still scaled here (the fused kernel unscales them), so the norm is divided by the scale."""
+        norms = [torch.linalg.vector_norm(g.grad.float(), 2) for g in self.groups]
+        norm = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2)
+        scale = getattr(self, "grad_scale", None)
+        return norm if scale is None else norm / torch.as_tensor(scale, device=norm.device).reshape(())
 
     def _fused_step(self) -> None:
         one_group = self.norm_in_kernel and len(self.groups) == 1

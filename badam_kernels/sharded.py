@@ -227,27 +227,12 @@ class ShardedBlockOptimizer(BlockOptimizer):
                 dist.all_reduce(grad, group=self.process_group)
                 grad.div_(self.world_size)
 
-    def _global_grad_norm(self) -> Tensor:
+    def _grad_norm(self) -> Tensor:
         """L2 norm of the active block's whole (unscaled) gradient: one all-reduce of the squared shares."""
         sq = torch.stack([g.local_sq_norm(self.world_size).to(self._comm_device) for g in self.groups]).sum()
         dist.all_reduce(sq, group=self.process_group)
         scale = getattr(self, "grad_scale", None)  # GradScaler: the grads are still scaled
-        return sq.sqrt() if scale is None else sq.sqrt() / scale
-
-    def _grads_finite_or_clipped(self) -> bool:
-        """The base class's finite check and clipping, on the norm over every rank's shards."""
-        if self.max_grad_norm is None and not self.skip_nonfinite:
-            self.last_grad_norm = None
-            return True
-        norm = self._global_grad_norm()
-        self.last_grad_norm = norm
-        if self.skip_nonfinite and not bool(torch.isfinite(norm)):
-            return False
-        if self.max_grad_norm is not None:
-            coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-            for g in self.groups:
-                g.grad.mul_(coef.to(g.grad.device, g.grad.dtype))
-        return True
+        return sq.sqrt() if scale is None else sq.sqrt() / torch.as_tensor(scale, device=sq.device).reshape(())
 
     def _fused_step(self) -> None:
         for group in self.groups:

@@ -83,6 +83,32 @@ def test_outgoing_block_states_are_freed_before_the_next_block_allocates(monkeyp
     assert outgoing == [[True]]
 
 
+def test_clipping_over_dtype_groups_unscales_the_gradscaler_norm():
+    """A block of bf16 matrices and fp32 norms is two flat groups: the norm is taken outside the
+    kernel, on gradients GradScaler has not unscaled yet. Scaled by 1024 (exact in bf16) with
+    grad_scale=1024 the step must equal the unscaled one."""
+    def step(scale):
+        model = tiny_llama()
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.data = p.data.bfloat16()
+        opt = BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), list(model.named_parameters()),
+                             switch_block_every=5, max_grad_norm=0.01, verbose=0)
+        assert len(opt.groups) == 2
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = (torch.randn(p.shape, generator=gen) * scale).to(p.dtype)
+        if scale != 1:
+            opt.grad_scale, opt.found_inf = torch.tensor([float(scale)]), torch.tensor([0.0])
+        opt.step()
+        return snapshot(model), float(opt.last_grad_norm)
+
+    (plain, plain_norm), (scaled, scaled_norm) = step(1), step(1024)
+    assert scaled_norm == pytest.approx(plain_norm, rel=1e-6)
+    assert max_rel_diff(plain, scaled) <= 1e-6
+
+
 def test_frozen_parameters_unchanged_bit_for_bit():
     model, opt = make(BlockOptimizer, torch.bfloat16, switch_block_every=100, switch_mode="fixed", start_block=1)
     before = snapshot(model)
