@@ -102,6 +102,15 @@ def test_max_grad_norm_clips_the_flat_gradients(tmp_path):
     assert probe.norms == pytest.approx([1e-3] * 3, rel=1e-3)
 
 
+def test_config_passes_keep_activations_to_the_truncation():
+    from badam_kernels import find_layer_stack
+
+    model = tiny_llama()
+    make_badam_optimizer(model, BAdamConfig(keep_activations=2), lr=1e-3)
+    handle, _ = find_layer_stack(model)[0]._badam_truncation
+    assert handle.keep_activations == 2
+
+
 def test_activation_checkpointing_keeps_the_truncation(tmp_path):
     model = tiny_llama()
     grad_mode = []

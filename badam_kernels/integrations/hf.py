@@ -66,6 +66,7 @@ class BAdamConfig:
     prefetch_steps: int = 1
     seed: Optional[int] = None  # random block order; BAdamTrainer uses args.seed when None
     truncate: bool = True  # install truncate_backward on the model
+    keep_activations: object = 0  # truncate_backward's: top layers that skip checkpointing (int or "all")
     verbose: int = 0
 
 
@@ -73,7 +74,8 @@ def make_badam_optimizer(model: torch.nn.Module, config: Optional[BAdamConfig] =
                          **adamw_kwargs) -> BlockOptimizer:
     """A ``BlockOptimizer`` over ``torch.optim.AdamW(model.parameters(), **adamw_kwargs)``.
 
-    Also installs ``truncate_backward(model)`` (once; ``config.truncate=False`` skips it). Build it
+    Also installs ``truncate_backward(model, keep_activations=config.keep_activations)`` (once;
+    ``config.truncate=False`` skips it). Build it
     after the model is on its device and before handing it to a Trainer or ``accelerator.prepare``.
     """
     config = config or BAdamConfig()
@@ -88,7 +90,7 @@ def make_badam_optimizer(model: torch.nn.Module, config: Optional[BAdamConfig] =
         max_grad_norm=config.max_grad_norm, skip_nonfinite=config.skip_nonfinite,
         prefetch_steps=config.prefetch_steps, seed=config.seed)
     if config.truncate and not is_truncated(model):
-        truncate_backward(model)
+        truncate_backward(model, keep_activations=config.keep_activations)
     return optimizer
 
 
