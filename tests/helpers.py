@@ -1,4 +1,6 @@
 """Small models and data shared by the tests."""
+import socket
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -85,3 +87,10 @@ def persistent_per_block_adamw(steps, switch_every, order, device="cpu", lr=1e-2
         opts[b].step()
         model.zero_grad()
     return snapshot(model)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

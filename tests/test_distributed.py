@@ -6,7 +6,6 @@ two ranks' gradients is the full-batch gradient: two ranks must follow the singl
 """
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch.multiprocessing as mp
 
 from badam_kernels import BlockOptimizer
 from badam_kernels.distributed import DataParallelBlockOptimizer
-from helpers import batches, lm_loss, max_rel_diff, snapshot, tiny_llama
+from helpers import free_port, batches, lm_loss, max_rel_diff, snapshot, tiny_llama
 
 WORLD, STEPS, EVERY, BATCH = 2, 12, 3, 4
 SCENARIOS = {
@@ -24,12 +23,6 @@ SCENARIOS = {
     "random_unseeded": dict(switch_mode="random"),  # the ranks' global RNGs differ: rank 0's seed must win
     "overlap": dict(switch_mode="ascending", overlap=True),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _optimizer(cls, model, **kw):
@@ -86,7 +79,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

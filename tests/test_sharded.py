@@ -8,7 +8,6 @@ blocks are trained in most scenarios.
 """
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from badam_kernels import BlockOptimizer
 from badam_kernels.models import find_layer_stack
 from badam_kernels.sharded import ShardedBlockOptimizer, load_checkpoint, save_checkpoint, shard_model
 from badam_kernels.truncate import truncate_backward
-from helpers import batches, enable_checkpointing, lm_loss, max_rel_diff, snapshot, tiny_llama
+from helpers import free_port, batches, enable_checkpointing, lm_loss, max_rel_diff, snapshot, tiny_llama
 
 WORLD, STEPS, EVERY, BATCH, VOCAB, SAVE_AT = 2, 12, 2, 4, 63, 6
 ALL_BLOCKS = dict(include_embedding=True, include_lm_head=True)  # 5 blocks: embedding, 3 layers, lm_head + norm
@@ -40,12 +39,6 @@ SCENARIOS = {
     "bf16_rounding": dict(opt=dict(switch_mode="descending", master_weights=False, **ALL_BLOCKS), dtype=torch.bfloat16),
     "dcp": dict(opt=dict(switch_mode="random", state_policy="offload")),  # unseeded: rank 0's seed wins
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _init(rank: int, world: int, port: int) -> None:
@@ -175,8 +168,8 @@ def _single_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    mp.spawn(_single_worker, args=(_free_port(), str(out)), nprocs=1, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_single_worker, args=(free_port(), str(out)), nprocs=1, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)], torch.load(out / "single.pt")
 
 

@@ -6,7 +6,6 @@ the fused kernels on local shards, pinned-host offload of sharded states, and a 
 It must equal the unsharded BlockOptimizer on the same GPU.
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from torch.distributed.tensor import DTensor
 
 from badam_kernels import BlockOptimizer
 from badam_kernels.sharded import ShardedBlockOptimizer, load_checkpoint, save_checkpoint, shard_model
-from helpers import max_rel_diff, snapshot, tiny_llama, train
+from helpers import free_port, max_rel_diff, snapshot, tiny_llama, train
 
 pytestmark = pytest.mark.gpu
 
@@ -25,10 +24,7 @@ pytestmark = pytest.mark.gpu
 def nccl_world_of_one():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
     yield init_device_mesh("cuda", (1,))
     dist.destroy_process_group()
