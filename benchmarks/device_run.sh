@@ -30,6 +30,8 @@ for b in $BENCH; do
     e2e_quick) python3 benchmarks/bench_e2e.py --quick 2>&1 | grep -v "^Parameters with" | tail -30 ;;
     e2e_1b) python3 benchmarks/bench_e2e.py --shape 1b ${E2E_ARGS:-} 2>&1 | grep -v "^Parameters with" | tail -40 ;;
     e2e_8b) python3 benchmarks/bench_e2e.py --shape 8b ${E2E_ARGS:-} 2>&1 | grep -v "^Parameters with" | tail -40 ;;
+    scale) python3 -m torch.distributed.run --standalone --nproc-per-node ${SCALE_GPUS:-$(nvidia-smi -L | wc -l)} \
+             benchmarks/bench_scale.py ${SCALE_ARGS:-} 2>&1 | grep -v "^Parameters with" | tail -30 ;;
     switch) python3 benchmarks/bench_switch.py 2>&1 | tail -30 ;;
     *) echo "unknown benchmark $b" ;;
   esac
