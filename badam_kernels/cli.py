@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from .data import DataError
 from .train import ConfigError
@@ -67,6 +67,16 @@ def _non_negative_float(text: str) -> float:
     return _number(text, allow_zero=True)
 
 
+def _count_or_all(text: str) -> Union[int, str]:
+    """A non-negative integer, or ``all``."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        return _non_negative_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer or 'all', got {text!r}") from None
+
+
 def _prefix_list(text: str) -> List[str]:
     if text.strip().lower() in ("", "none"):
         return []
@@ -113,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", metavar="N", type=_non_negative_int, help="seed of the model init and the data order (default: 0)")
     t.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: bf16 on a GPU, fp32 on the CPU)")
     t.add_argument("--device", choices=DEVICES, help="where to train (default: auto, the GPU if there is one)")
+    t.add_argument("--shard", action="store_true",
+                   help="under torchrun: shard the model and the optimizer states over the processes with "
+                        "FSDP2, each holding 1/N of every layer (default: data parallel, each a whole copy); "
+                        "checkpoints then resume on any number of processes; cannot change on --resume")
     b = p.add_argument_group("BAdam")
     b.add_argument("--switch-every", metavar="N", type=_positive_int, help="steps per block (default: job)")
     b.add_argument("--switch-mode", choices=SWITCH_MODES, help="block order (default: descending)")
@@ -129,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: none)")
     b.add_argument("--backend", choices=BACKENDS, help="kernel backend (default: auto, the fastest available)")
     b.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    b.add_argument("--keep-activations", metavar="N|all", type=_count_or_all,
+                   help="the top N layers from the active block up skip gradient checkpointing: they keep "
+                        "their activations instead of recomputing them (faster backward, more memory); 'all' "
+                        "for every layer from the active block up; only with --grad-checkpointing (default: 0)")
     o = p.add_argument_group("output")
     o.add_argument("--log-every", metavar="N", type=_positive_int, help="a log line every N steps (default: 50)")
     o.add_argument("--save-every", metavar="N", type=_non_negative_int,

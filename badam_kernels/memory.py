@@ -4,16 +4,21 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def _nbytes(t) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
+    """Bytes this process holds: a DTensor's (FSDP2) local shard only."""
+    if t is None:
+        return 0
+    t = _local(t)
+    return t.numel() * t.element_size()
 
 
 def memory_report(optimizer, model: torch.nn.Module) -> Dict[str, int]:
     """Bytes held per category by a model trained with a :class:`BlockOptimizer`.
 
-    ``weights``: every model parameter; ``master``: the active block's fp32 master copy;
+    Per process: of sharded (FSDP2) parameters, the local shards. ``weights``: every model parameter; ``master``: the active block's fp32 master copy;
     ``moments``: its optimizer states (Adam's m and v, or the base optimizer's); ``grads``: gradient
     buffers; ``host_parked``: states of inactive blocks parked in host memory (``offload`` policy).
     """
@@ -26,10 +31,14 @@ def memory_report(optimizer, model: torch.nn.Module) -> Dict[str, int]:
     flat_grads = {g.grad.data_ptr() for g in optimizer.groups if g.grad is not None}
     grads = sum(_nbytes(g.grad) for g in optimizer.groups if g.grad is not None)
     grads += sum(_nbytes(p.grad) for p in model.parameters()
-                 if p.grad is not None and p.grad.untyped_storage().data_ptr() not in flat_grads)
+                 if p.grad is not None and _local(p.grad).untyped_storage().data_ptr() not in flat_grads)
     return {"weights": weights, "master": master, "moments": moments, "grads": grads,
             "host_parked": optimizer.park.nbytes() + sum(
                 _nbytes(v) for state in optimizer._parked_base.values() for v in _tensors(state))}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _tensors(obj):

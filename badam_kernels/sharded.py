@@ -318,22 +318,30 @@ class ShardedBlockOptimizer(BlockOptimizer):
             "parked": {(b, gi): s for b, fl in flats.items() for gi, s in enumerate(fl)}, "parked_base": {}})
 
 
-def save_checkpoint(path, model: nn.Module, optimizer: ShardedBlockOptimizer) -> None:
-    """Save the sharded model and optimizer with ``torch.distributed.checkpoint`` (every rank calls it)."""
-    state = {"model": get_model_state_dict(model), "optim": optimizer.dcp_state_dict()}
+def save_checkpoint(path, model: Optional[nn.Module], optimizer: ShardedBlockOptimizer) -> None:
+    """Save the sharded model and optimizer with ``torch.distributed.checkpoint`` (every rank calls it).
+
+    ``model=None`` saves the optimizer's states only (for a caller that writes the weights itself).
+    """
+    state = {"optim": optimizer.dcp_state_dict()}
+    if model is not None:
+        state["model"] = get_model_state_dict(model)
     dcp.save(state, checkpoint_id=path, process_group=optimizer.process_group)
 
 
-def load_checkpoint(path, model: nn.Module, optimizer: ShardedBlockOptimizer) -> None:
+def load_checkpoint(path, model: Optional[nn.Module], optimizer: ShardedBlockOptimizer) -> None:
     """Resume ``save_checkpoint``'s checkpoint, saved on any number of ranks (every rank calls it).
 
     Two reads: first the optimizer's bookkeeping (which blocks hold states), then the model's
-    weights and those states, into a template shaped by it.
+    weights (unless ``model`` is None) and those states, into a template shaped by it.
     """
     group = optimizer.process_group
     meta = {"optim": {"meta": optimizer.dcp_state_dict()["meta"]}}
     dcp.load(meta, checkpoint_id=path, process_group=group)
-    state = {"model": get_model_state_dict(model), "optim": optimizer.dcp_state_dict(meta["optim"]["meta"])}
+    state = {"optim": optimizer.dcp_state_dict(meta["optim"]["meta"])}
+    if model is not None:
+        state["model"] = get_model_state_dict(model)
     dcp.load(state, checkpoint_id=path, process_group=group)
-    set_model_state_dict(model, state["model"])
+    if model is not None:
+        set_model_state_dict(model, state["model"])
     optimizer.load_dcp_state_dict(state["optim"])

@@ -17,6 +17,13 @@ step), ``loss.png``, ``summary.json`` and ``checkpoint/``: a Hugging Face model 
 scheduler). ``TrainConfig(resume=run_dir)`` continues such a run exactly: the batch of a step depends
 only on the seed and the step index, and every other state is restored, so N steps in one go and
 N/2 + N/2 resumed give the same weights bit for bit on the CPU.
+
+Under ``torchrun`` each rank takes its rows of every global batch and rank 0 reports and writes. By
+default every rank holds the whole model (data parallel); ``shard=True`` shards the model and the
+optimizer states over the ranks with FSDP2 (``badam_kernels.sharded``). A sharded run's checkpoint
+holds the same full ``model.safetensors`` (gathered to rank 0) and, instead of ``optimizer.pt``,
+``optimizer_dcp/``: a ``torch.distributed.checkpoint`` of the optimizer that every rank writes its
+shards into, so that it resumes on any number of processes.
 """
 from __future__ import annotations
 
@@ -30,11 +37,12 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
 from . import __version__
+from . import sharded as sharded_checkpoint  # DCP save/load of a sharded run's optimizer
 from .data import ByteTokenizer, DataError, build_batches
 from .memory import format_bytes, memory_report
 from .ops import BACKEND_NAMES
@@ -47,6 +55,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEVICES = ("auto", "cpu", "cuda")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "trainer_state.pt")
+SHARDED_CHECKPOINT_FILES = ("model.safetensors", "optimizer_dcp/.metadata", "trainer_state.pt")
 
 # Defaults that depend on the job: the embedded tiny model learns from scratch (large steps, embedding
 # and lm_head trained too); a pretrained --model is fine-tuned (small steps, layers only, as in BAdam).
@@ -57,7 +66,8 @@ PRETRAINED_DEFAULTS = dict(batch_size=8, seq_len=512, lr=1e-5, switch_every=50, 
 EMBEDDED_DATA_STEPS = 400  # steps on the shipped text; a --data file gets one pass by default
 
 # Options a resumed run may change; every other one is the saved run's.
-RESUME_MAY_CHANGE = ("steps", "out", "resume", "log_every", "save_every", "backend", "progress", "device")
+RESUME_MAY_CHANGE = ("steps", "out", "resume", "log_every", "save_every", "backend", "progress", "device",
+                     "keep_activations")
 
 
 class ConfigError(ValueError):
@@ -86,6 +96,8 @@ class TrainConfig:
     state_policy: str = "reset"
     backend: str = "auto"
     grad_checkpointing: bool = False
+    keep_activations: Union[int, str] = 0  # top layers from the active block up not checkpointed; "all"
+    shard: bool = False  # FSDP2: model and optimizer states sharded over the processes (else data parallel)
     seed: int = 0
     dtype: Optional[str] = None  # bf16 on a GPU, fp32 on the CPU
     device: str = "auto"
@@ -127,6 +139,12 @@ def validate(cfg: TrainConfig) -> None:
     _require(cfg.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}")
     _require(cfg.dtype is None or cfg.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")
     _require(cfg.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
+    keep = cfg.keep_activations
+    _require(keep == "all" or (isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0),
+             f"--keep-activations must be a non-negative integer or 'all', got {keep!r}")
+    _require(keep == 0 or cfg.grad_checkpointing, "--keep-activations only applies with --grad-checkpointing "
+             "(without it every layer keeps its activations anyway)")
+    _require(isinstance(cfg.shard, bool), f"--shard must be true or false, got {cfg.shard!r}")
     if cfg.model is not None:
         _require(os.path.exists(cfg.model), f"model not found: {cfg.model} (give a local Hugging Face "
                  "model folder or a .gguf file; nothing is downloaded)")
@@ -160,15 +178,15 @@ def _config_for_resume(cfg: TrainConfig, given: Optional[set]) -> TrainConfig:
     _require(os.path.isdir(run_dir), f"--resume {run_dir}: no such run folder")
     ckpt = os.path.join(run_dir, "checkpoint")
     _require(os.path.isfile(os.path.join(run_dir, "config.json")), f"--resume {run_dir}: no config.json, not a run folder")
-    for name in CHECKPOINT_FILES:
-        _require(os.path.isfile(os.path.join(ckpt, name)),
-                 f"--resume {run_dir}: no checkpoint/{name}, the run has no complete checkpoint")
     try:
         with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
             saved = json.load(f)
         saved_cfg = TrainConfig(**{k: v for k, v in saved.items() if k in _field_names()})
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"--resume {run_dir}: unreadable config.json ({exc})") from None
+    for name in SHARDED_CHECKPOINT_FILES if saved_cfg.shard else CHECKPOINT_FILES:
+        _require(os.path.isfile(os.path.join(ckpt, name)),
+                 f"--resume {run_dir}: no checkpoint/{name}, the run has no complete checkpoint")
     if given is None:
         default = TrainConfig()
         given = {f for f in _field_names() if getattr(cfg, f) != getattr(default, f)}
@@ -243,23 +261,46 @@ def load_model(cfg: TrainConfig, dtype: torch.dtype):
     return model, tokenizer, f"{type(model).__name__} from {path}"
 
 
-def save_weights(model: torch.nn.Module, path: str) -> None:
+def save_weights(model: torch.nn.Module, path: str, full: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """The model's weights as safetensors, one copy of each tied tensor (Hugging Face's file layout).
 
     ``safetensors.torch.save_model`` refuses tensors that are views into a larger buffer, which the
     active block's parameters are (the optimizer keeps them in one flat buffer), so the tensors are
     copied out and tied duplicates dropped here (the first name is kept, as ``save_pretrained`` does).
+    ``full``: for a sharded model, its full CPU tensors by name (``_full_weights``), written instead of
+    the shards; which names are tied duplicates is still read from the model's own tensors.
     """
     from safetensors.torch import save_file
 
     tensors, seen = {}, set()
     for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        key = _storage_key(tensor)
         if tensor.numel() and key in seen:
             continue
         seen.add(key)
-        tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
+        tensors[name] = (tensor.detach().to("cpu", copy=True) if full is None else full[name]).contiguous()
     save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    """Where a tensor's data lives, to tell tied tensors from equal ones (a DTensor's: its local shard's)."""
+    local = tensor.to_local() if _is_dtensor(tensor) else tensor
+    return local.data_ptr(), tuple(tensor.shape), tensor.dtype
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _full_weights(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """A sharded model's weights as full CPU tensors on rank 0 (an empty dict elsewhere); every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
@@ -334,18 +375,33 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: str, model, tokenizer, optimizer, scheduler, trainer_state: dict) -> str:
-    """Write ``run_dir/checkpoint`` whole or not at all (written aside, then renamed into place)."""
+def save_checkpoint(run_dir: str, model, tokenizer, optimizer, scheduler, trainer_state: dict,
+                    sharded: bool = False) -> str:
+    """Write ``run_dir/checkpoint`` whole or not at all (written aside, then renamed into place).
+
+    Called by rank 0 alone; ``sharded`` (a ``ShardedBlockOptimizer``): by every rank, which gather the
+    full weights to rank 0 and each write their shards of the optimizer states to ``optimizer_dcp/``.
+    """
     final = os.path.join(run_dir, "checkpoint")
     tmp, old = final + ".tmp", final + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    main = not sharded or torch.distributed.get_rank() == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    full = None
+    if sharded:
+        torch.distributed.barrier()  # the folder is fresh before any rank writes into it
+        full = _full_weights(model)
+        sharded_checkpoint.save_checkpoint(os.path.join(tmp, "optimizer_dcp"), None, optimizer)  # returns once every rank wrote
+    if not main:
+        return final
     if hasattr(model, "config"):
         model.config.save_pretrained(tmp)
-    save_weights(model, os.path.join(tmp, "model.safetensors"))
+    save_weights(model, os.path.join(tmp, "model.safetensors"), full)
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    if not sharded:
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save({**trainer_state, "scheduler": scheduler.state_dict()}, os.path.join(tmp, "trainer_state.pt"))
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(final):
@@ -353,6 +409,21 @@ def save_checkpoint(run_dir: str, model, tokenizer, optimizer, scheduler, traine
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _load_optimizer(optimizer, ckpt_dir: str, sharded: bool) -> None:
+    """Restore the optimizer from ``optimizer.pt``, or a sharded run's from ``optimizer_dcp/``."""
+    errors: tuple = (ValueError,)
+    try:
+        if sharded:
+            from torch.distributed.checkpoint import CheckpointException
+
+            errors += (CheckpointException,)
+            sharded_checkpoint.load_checkpoint(os.path.join(ckpt_dir, "optimizer_dcp"), None, optimizer)
+        else:
+            optimizer.load_state_dict(torch.load(os.path.join(ckpt_dir, "optimizer.pt"), weights_only=True))
+    except errors as exc:
+        raise ConfigError(f"--resume {os.path.dirname(ckpt_dir)}: {_one_line(exc)}") from None
 
 
 class _StopFlag:
@@ -392,7 +463,7 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
     ``given``: the option names set explicitly (only matters with ``resume``); ``log``: where the
     text lines go (``print`` by default).
     """
-    from . import BlockOptimizer, find_layer_stack, truncate_backward
+    from . import find_layer_stack, truncate_backward
 
     if config.resume is not None:
         config = _config_for_resume(config, given)
@@ -452,10 +523,11 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.shard:
+        _shard_model(model, device, world)
 
     base = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    parallel = {} if world == 1 else {"sync_module_states": True}
-    optimizer_class = BlockOptimizer if world == 1 else _data_parallel_class()
+    optimizer_class, parallel = _optimizer_class(cfg.shard, world)
     try:
         optimizer = optimizer_class(
             base, list(model.named_parameters()), switch_block_every=cfg.switch_every,
@@ -466,27 +538,25 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
             max_grad_norm=cfg.max_grad_norm or None, seed=cfg.seed, **parallel)
     except (ValueError, TypeError) as exc:
         raise ConfigError(_one_line(exc)) from None
-    truncation = truncate_backward(model)
+    truncation = truncate_backward(model, keep_activations=cfg.keep_activations)  # after shard_model: wraps it
     warmup = cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
     if ckpt_dir:
-        try:
-            optimizer.load_state_dict(torch.load(os.path.join(ckpt_dir, "optimizer.pt"), weights_only=True))
-        except ValueError as exc:
-            raise ConfigError(f"--resume {cfg.resume}: {_one_line(exc)}") from None
+        _load_optimizer(optimizer, ckpt_dir, cfg.shard)
         scheduler.load_state_dict(trainer_state["scheduler"])
         _set_rng_state(trainer_state["rng"])
 
-    run_dir = _prepare_run_dir(cfg, start) if main else None
+    run_dir = _on_every_rank(_prepare_run_dir(cfg, start) if main else None, world)
     if main:
         with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(dataclasses.replace(cfg, out=run_dir)), f, indent=2)
+            json.dump({**dataclasses.asdict(dataclasses.replace(cfg, out=run_dir)), "world_size": world}, f, indent=2)
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"badam-finetune {__version__}: {model_desc}, {n_params / 1e6:.2f}M parameters, "
         f"{optimizer.num_blocks} blocks of {cfg.switch_every} steps ({cfg.switch_mode}), "
-        f"{device.type} {dtype_name}" + (f", {world} processes" if world > 1 else ""))
+        f"{device.type} {dtype_name}" + (f", {world} processes" if world > 1 else "")
+        + (", sharded (FSDP2)" if cfg.shard else ""))
     log(f"data: {cfg.data or 'the shipped Shakespeare excerpt'}: {batches.num_examples} examples, "
         f"batch {cfg.batch_size} x {cfg.seq_len} tokens; steps {start} -> {target}; run folder {run_dir}")
 
@@ -510,6 +580,7 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
                 "epoch": step * cfg.batch_size // batches.num_examples, "elapsed_s": elapsed,
                 "tokens_seen": tokens_seen, "rng": _rng_state(device), "version": __version__}
 
+    writes = main or cfg.shard  # the ranks that take part in a checkpoint (sharded: all of them)
     run_start = time.perf_counter()
     with _StopFlag() as stop, open(metrics_path, "a", encoding="utf-8") as metrics:
         while step < target and not stop.set:
@@ -546,16 +617,18 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
                 metrics.flush()
                 say(f"step {step}/{target}  loss {loss:.4f}  lr {lr:.3g}  block {block}  "
                     f"{record['tokens_per_s']:,.0f} tok/s  peak {peak:,.0f} MiB")
-            if main and cfg.save_every and step % cfg.save_every == 0 and step < target:
+            if writes and cfg.save_every and step % cfg.save_every == 0 and step < target:
                 metrics.flush()
-                save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, state_now())
+                save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, state_now(), cfg.shard)
     bar.close()
     wall = time.perf_counter() - run_start
     held = memory_report(optimizer, model)
     truncation.remove()
+    ckpt = None
+    if writes:
+        ckpt = save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, state_now(), cfg.shard)
     if not main:
         return {"rank": rank, "step": step, "interrupted": step < target, "last_loss": losses[-1] if losses else None}
-    ckpt = save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, state_now())
     records = read_metrics(metrics_path)
     plot_loss(records, os.path.join(run_dir, "loss.png"),
               title=f"badam-finetune: {model_desc}, switch every {cfg.switch_every} steps")
@@ -567,6 +640,7 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
         "tokens_per_s": round((tokens_seen - tokens_before) / wall, 1) if wall else None,
         "peak_mem_mib": round(peak_memory_mib(device), 1), "num_blocks": optimizer.num_blocks,
         "device": device.type, "dtype": dtype_name, "nonfinite_steps": nonfinite, "memory_bytes": held,
+        "shard": cfg.shard, "world_size": world,
     }
     with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
@@ -585,21 +659,60 @@ def _silent(*_args, **_kwargs) -> None:
 
 
 def _processes(cfg: TrainConfig):
-    """(rank, world size, device): one process, or the ranks of a ``torchrun`` job (data parallel)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, pick_device(cfg.device)
+    """(rank, world size, device): one process, or the ranks of a ``torchrun`` job; ``shard`` always
+    joins a process group (of one process, without torchrun)."""
+    device = pick_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not cfg.shard:
+        return 0, 1, device
+    _require(torch.distributed.is_available(), "--shard and torchrun need torch.distributed, which this "
+             "torch build lacks")
     from .distributed import init_distributed
 
-    rank, world, device = init_distributed("gloo" if cfg.device == "cpu" else None)
+    rank, world, device = init_distributed("gloo" if device.type == "cpu" else None)
     _require(cfg.batch_size % world == 0,
              f"--batch-size {cfg.batch_size} must divide evenly over the {world} processes of the job")
     return rank, world, device
+
+
+def _optimizer_class(shard: bool, world: int):
+    """(class, extra arguments) of the job's optimizer: sharded (FSDP2), data parallel or one process."""
+    if shard:
+        from .sharded import ShardedBlockOptimizer
+
+        return ShardedBlockOptimizer, {}
+    if world == 1:
+        from . import BlockOptimizer
+
+        return BlockOptimizer, {}
+    return _data_parallel_class(), {"sync_module_states": True}
 
 
 def _data_parallel_class():
     from .distributed import DataParallelBlockOptimizer
 
     return DataParallelBlockOptimizer
+
+
+def _shard_model(model: torch.nn.Module, device: torch.device, world: int) -> None:
+    """``shard_model`` over a mesh of every process of the job, on the job's device type.
+
+    Every rank built the same weights (the same seed, or the same files), so each keeps its shard of
+    its own copy; there is nothing to broadcast.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .sharded import shard_model
+
+    shard_model(model, mesh=init_device_mesh(device.type, (world,)))
+
+
+def _on_every_rank(value, world: int):
+    """Rank 0's ``value`` (a picklable object) on every rank of the job."""
+    if world == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _shard(batch, rank: int, world: int):

@@ -1,7 +1,7 @@
 """The ``badam-finetune`` job: the default run, exact resume, the data paths and clean errors.
 
 The CLI is called in-process (``cli.main`` returns the exit status) on tiny settings; one test runs
-``python -m badam_kernels --help`` in a subprocess.
+``python -m badam_kernels --help`` in a subprocess, and the torchrun tests run 2 CPU processes (gloo).
 """
 import json
 import math
@@ -164,6 +164,13 @@ BAD_INPUTS = {  # case: (arguments given the test's tmp folder, what the error l
     "out holds a run": (lambda d: ["--out", _finished_run(d / "finished")], "already holds a run"),
     "resume with another batch size": (lambda d: ["--resume", _saved_run(d / "run"), "--batch-size", "3"],
                                        "--batch-size cannot change"),
+    "resume an unsharded run sharded": (lambda d: ["--resume", _saved_run(d / "run"), "--shard"],
+                                        "--shard cannot change"),
+    "keep-activations not a number": (lambda d: ["--keep-activations", "some"],
+                                      "argument --keep-activations: expected a non-negative integer or 'all'"),
+    "negative keep-activations": (lambda d: ["--keep-activations", "-1"], "or 'all', got '-1'"),
+    "keep-activations without checkpointing": (lambda d: ["--keep-activations", "2"],
+                                               "--keep-activations only applies with --grad-checkpointing"),
 }
 
 
@@ -195,18 +202,26 @@ def test_module_entry_point_prints_help():
     assert "usage: badam-finetune" in proc.stdout and "--resume" in proc.stdout
 
 
+TORCH_ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args, nproc=2):
+    """``torchrun --nproc-per-node 2 -m badam_kernels ARGS`` on the CPU; returns the finished process."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(nproc), "-m", "badam_kernels", *map(str, args)],
+                          capture_output=True, text=True, env=TORCH_ENV, timeout=300)
+    reasons = [line for line in proc.stderr.splitlines() if "rror" in line or "terminate" in line or "what()" in line]
+    assert proc.returncode == 0, "\n".join(reasons[:20]) + "\n" + proc.stderr[-1500:]
+    return proc
+
+
 def test_torchrun_two_processes_train_data_parallel(tmp_path):
     """`torchrun --nproc-per-node 2 -m badam_kernels`: each rank a half of every batch, rank 0 writes."""
     common = ["--steps", "3", "--batch-size", "4", "--seq-len", "32", "--switch-every", "2", "--no-progress"]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "badam_kernels", "--out", str(tmp_path / "one"), *common],
-                            capture_output=True, text=True, env=env, timeout=300)
+                            capture_output=True, text=True, env=TORCH_ENV, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "badam_kernels", "--out", str(tmp_path / "two"), *common],
-                         capture_output=True, text=True, env=env, timeout=300)
-    reasons = [line for line in two.stderr.splitlines() if "rror" in line or "terminate" in line or "what()" in line]
-    assert two.returncode == 0, "\n".join(reasons[:20]) + "\n" + two.stderr[-1500:]
+    two = torchrun("--out", tmp_path / "two", *common)
     assert "2 processes" in two.stdout and two.stdout.count("badam-finetune 0.1.0") == 1  # rank 0 alone reports
     one_rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two_rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
@@ -214,3 +229,89 @@ def test_torchrun_two_processes_train_data_parallel(tmp_path):
     # before any update the loss of the global batch is the mean of the two halves' losses
     assert abs(two_rows[0]["loss"] - one_rows[0]["loss"]) <= 1e-5 * one_rows[0]["loss"]
     assert (tmp_path / "two" / "checkpoint" / "model.safetensors").is_file()
+
+
+# offload: the DCP checkpoint holds parked blocks too; checkpointing with the top layer kept: truncation
+# installed after shard_model
+SHARDED = [*TINY, "--state-policy", "offload", "--grad-checkpointing", "--keep-activations", "1"]
+
+
+def max_rel_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).norm() / a[k].norm()).item() for k in a)
+
+
+def weights(run):
+    return load_file(str(run / "checkpoint" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    """2 sharded ranks: 2 steps (checkpointed after each), and 4 steps uninterrupted."""
+    out = tmp_path_factory.mktemp("sharded")
+    half = torchrun("--shard", "--steps", 2, "--save-every", 1, "--out", out / "half", *SHARDED)
+    torchrun("--shard", "--steps", 4, "--out", out / "whole", *SHARDED)
+    return out, half.stdout
+
+
+def test_torchrun_sharded_equals_one_unsharded_process(sharded_runs, tmp_path):
+    """FSDP2 over 2 ranks, each half of every batch, follows the one-process run on the whole batches."""
+    out, stdout = sharded_runs
+    half = out / "half"
+    assert "2 processes, sharded (FSDP2)" in stdout and stdout.count("badam-finetune 0.1.0") == 1
+    assert run_cli("--steps", 2, "--out", tmp_path / "one", *SHARDED) == 0
+    one_rows, two_rows = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(half / "metrics.jsonl")
+    assert [r["step"] for r in two_rows] == [1, 2]
+    assert abs(two_rows[0]["loss"] - one_rows[0]["loss"]) <= 1e-5 * one_rows[0]["loss"]
+    assert max_rel_diff(weights(tmp_path / "one"), weights(half)) <= 1e-5  # same names: full tensors, untied
+    ckpt = half / "checkpoint"
+    assert (ckpt / "optimizer_dcp" / ".metadata").is_file() and not (ckpt / "optimizer.pt").exists()
+    summary, config = (json.loads((half / name).read_text()) for name in ("summary.json", "config.json"))
+    assert summary["shard"] and summary["world_size"] == 2
+    assert config["shard"] and config["world_size"] == 2 and config["keep_activations"] == 1
+
+
+def test_sharded_checkpoint_of_two_ranks_resumes_on_one_process(sharded_runs, tmp_path):
+    """Saved on 2 ranks, resumed on 1 (sharded over a mesh of one): ends where the 2-rank run ended."""
+    out, _ = sharded_runs
+    resumed = tmp_path / "resumed"
+    assert run_cli("--resume", out / "half", "--shard", "--steps", 2, "--out", resumed, "--no-progress") == 0
+    assert max_rel_diff(weights(out / "whole"), weights(resumed)) <= 1e-5
+    assert max_rel_diff(weights(out / "whole"), weights(out / "half")) > 1e-3  # the resumed steps did train
+    rows, whole_rows = read_jsonl(resumed / "metrics.jsonl"), read_jsonl(out / "whole" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["active_block"] for r in rows] == [r["active_block"] for r in whole_rows]
+    assert rows[3]["loss"] == pytest.approx(whole_rows[3]["loss"], rel=1e-5)
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["shard"] and summary["world_size"] == 1 and summary["start_step"] == 2
+
+
+def test_sharded_tied_model_saves_one_copy_and_resumes(tmp_path):
+    """A world of one without torchrun; the tied lm_head is written once, as an unsharded run writes it."""
+    model = tiny_llama_folder(tmp_path / "model")
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    assert run_cli("--model", model, "--steps", 2, "--out", plain, *TINY) == 0
+    assert run_cli("--model", model, "--shard", "--steps", 2, "--out", sharded, *TINY) == 0
+    assert "lm_head.weight" not in weights(sharded)
+    assert max_rel_diff(weights(plain), weights(sharded)) == 0.0  # a mesh of one: the same arithmetic
+    assert run_cli("--resume", sharded, "--steps", 1, "--no-progress") == 0  # sharded again: the saved run's
+    assert json.loads((sharded / "summary.json").read_text())["shard"]
+
+
+def test_keep_activations_is_passed_recorded_and_may_change_on_resume(tmp_path, monkeypatch):
+    import badam_kernels
+
+    seen = []
+    original = badam_kernels.truncate_backward
+
+    def recording(model, **kwargs):
+        seen.append(kwargs.get("keep_activations"))
+        return original(model, **kwargs)
+
+    monkeypatch.setattr(badam_kernels, "truncate_backward", recording)
+    run = tmp_path / "run"
+    assert run_cli("--steps", 1, "--grad-checkpointing", "--keep-activations", 2, "--out", run, *TINY) == 0
+    assert json.loads((run / "config.json").read_text())["keep_activations"] == 2
+    assert run_cli("--resume", run, "--steps", 1, "--keep-activations", "ALL", "--no-progress") == 0
+    assert json.loads((run / "config.json").read_text())["keep_activations"] == "all"
+    assert seen == [2, "all"]

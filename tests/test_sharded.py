@@ -19,6 +19,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from badam_kernels import BlockOptimizer
+from badam_kernels.memory import memory_report
 from badam_kernels.models import find_layer_stack
 from badam_kernels.sharded import ShardedBlockOptimizer, load_checkpoint, save_checkpoint, shard_model
 from badam_kernels.truncate import truncate_backward
@@ -101,6 +102,7 @@ def _scenario(rank, sc):
     _count_grad_forwards(model, rec["counts"])
     _train(model, opt, rank, WORLD, 0, STEPS, rec)
     rec["final"] = _full(model)
+    rec["weight_bytes"] = memory_report(opt, model)["weights"]
     return rec
 
 
@@ -212,6 +214,12 @@ def test_shards_are_uneven(ranks):
     rows = [r["reset_descending"]["local_rows"] for r in ranks]
     assert rows[0]["model.embed_tokens.weight"] == 32 and rows[1]["model.embed_tokens.weight"] == 31
     assert rows[0]["lm_head.weight"] == 32 and rows[1]["lm_head.weight"] == 31
+
+
+def test_memory_report_counts_the_local_shards(ranks):
+    full = sum(t.numel() * t.element_size() for t in ranks[0]["reset_descending"]["final"].values())
+    held = [r["reset_descending"]["weight_bytes"] for r in ranks]
+    assert sum(held) == full and max(held) < full
 
 
 @pytest.mark.parametrize("name", ["clip", "replicated_clip"])
