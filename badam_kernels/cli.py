@@ -67,7 +67,7 @@ def _non_negative_float(text: str) -> float:
     return _number(text, allow_zero=True)
 
 
-def _count_or_all(text: str) -> Union[int, str]:
+def count_or_all(text: str) -> Union[int, str]:
     """A non-negative integer, or ``all``."""
     if text.strip().lower() == "all":
         return "all"
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: none)")
     b.add_argument("--backend", choices=BACKENDS, help="kernel backend (default: auto, the fastest available)")
     b.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    b.add_argument("--keep-activations", metavar="N|all", type=_count_or_all,
+    b.add_argument("--keep-activations", metavar="N|all", type=count_or_all,
                    help="the top N layers from the active block up skip gradient checkpointing: they keep "
                         "their activations instead of recomputing them (faster backward, more memory); 'all' "
                         "for every layer from the active block up; only with --grad-checkpointing (default: 0)")

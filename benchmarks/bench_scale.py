@@ -98,6 +98,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 from common import command_line, device_record, median, result_path, write_json  # noqa: E402
 
+from badam_kernels.cli import count_or_all  # noqa: E402
 from badam_kernels.distributed import comm_device, init_distributed, is_main_process  # noqa: E402
 from badam_kernels.models import find_layer_stack  # noqa: E402
 from badam_kernels.schedule import SWITCH_MODES  # noqa: E402
@@ -417,33 +418,14 @@ def run(args, rank: int, world: int, device: torch.device) -> dict:
                "dtype": "bfloat16" if cuda else "float32", "backend": dist.get_backend(),
                "gradient_checkpointing": True, "truncate_backward": True, "status": "running", "steps": []}
     out_path = output_path(args, world, cuda)
-    model = opt = None
-    stage = "build"
-    failed = False
-    try:
-        model = build_model(args.shape, args.seq, device, args.seed, rank, world)
-        if cuda:
-            torch.cuda.synchronize()
-    except OOM:
-        failed = True
-    if stop_on_oom(agree, failed, stage, payload):
+    model, failed = attempt(lambda: build_model(args.shape, args.seq, device, args.seed, rank, world), cuda)
+    if stop_on_oom(agree, failed, "build", payload):
         return finish(args, payload, out_path, rank, world, cuda)
     comm = CommModel(model, world)
     payload.update(model=comm.describe(), comm_baselines_per_step=comm.baselines(),
                    model_shard_bytes=torch.cuda.memory_allocated() if cuda else None)
-
-    stage = "optimizer"
-    try:
-        base = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-        opt = ShardedBlockOptimizer(base, list(model.named_parameters()), switch_block_every=args.switch_every,
-                                    switch_mode=args.switch_mode, start_block=args.start_block, verbose=0,
-                                    seed=args.seed)
-        truncate_backward(model, keep_activations=args.keep_activations)
-        if cuda:
-            torch.cuda.synchronize()
-    except OOM:
-        failed = True
-    if stop_on_oom(agree, failed, stage, payload):
+    opt, failed = attempt(lambda: make_optimizer(model, args), cuda)
+    if stop_on_oom(agree, failed, "optimizer", payload):
         return finish(args, payload, out_path, rank, world, cuda)
     payload.update(num_blocks=opt.num_blocks,
                    after_optimizer_bytes=torch.cuda.memory_allocated() if cuda else None)
@@ -457,7 +439,7 @@ def run(args, rank: int, world: int, device: torch.device) -> dict:
         for i in range(total):
             stage = f"step {i}"
             block, model_bytes = opt.active_block, comm.step()
-            row = None
+            row, failed = None, False
             try:
                 row = timed_step(model, opt, batches[i % len(batches)], device, counter)
             except OOM:
@@ -496,6 +478,27 @@ def run(args, rank: int, world: int, device: torch.device) -> dict:
             counter.remove()
     payload["summary"] = summarise(payload, comm)
     return finish(args, payload, out_path, rank, world, cuda)
+
+
+def attempt(build, cuda: bool):
+    """``build()`` and whether it ran out of memory (synchronised, so that a late CUDA OOM shows here)."""
+    try:
+        value = build()
+        if cuda:
+            torch.cuda.synchronize()
+        return value, False
+    except OOM:
+        return None, True
+
+
+def make_optimizer(model, args) -> ShardedBlockOptimizer:
+    """The sharded BAdam optimizer, with the backward truncated below its active block."""
+    base = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    opt = ShardedBlockOptimizer(base, list(model.named_parameters()), switch_block_every=args.switch_every,
+                                switch_mode=args.switch_mode, start_block=args.start_block, verbose=0,
+                                seed=args.seed)
+    truncate_backward(model, keep_activations=args.keep_activations)
+    return opt
 
 
 def stop_on_oom(agree: Agreement, failed: bool, stage: str, payload: dict) -> bool:
@@ -617,18 +620,6 @@ def plot(payload: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------- main
-def keep_activations(value: str):
-    if value == "all":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer or 'all', got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer or 'all', got {value!r}")
-    return n
-
-
 def positive(value: str) -> int:
     n = int(value)
     if n < 1:
@@ -647,7 +638,7 @@ def parse_args(argv=None):
                         help="steps before the measured blocks (default: switch-every - 1, the first block)")
     parser.add_argument("--switch-mode", choices=SWITCH_MODES, default="descending")
     parser.add_argument("--start-block", type=int, default=None, help="first block (default: the mode's)")
-    parser.add_argument("--keep-activations", type=keep_activations, default=0,
+    parser.add_argument("--keep-activations", type=count_or_all, default=0,
                         help="truncate_backward's keep_activations: layers (or 'all') not checkpointed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="the JSON's path (PNG beside it)")
