@@ -37,7 +37,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -583,7 +583,8 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
     writes = main or cfg.shard  # the ranks that take part in a checkpoint (sharded: all of them)
     run_start = time.perf_counter()
     with _StopFlag() as stop, open(metrics_path, "a", encoding="utf-8") as metrics:
-        while step < target and not stop.set:
+        stopping = False
+        while step < target and not stopping:
             t0 = time.perf_counter()
             batch = batches.batch(step)
             shard = _shard(batch, rank, world)
@@ -595,7 +596,7 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss = _mean_over_ranks(out.loss.detach(), world)
+            loss, stopping = _agree_over_ranks(out.loss.detach(), stop.set, world)
             del out  # the logits: not kept alive through the next forward
             grad_norm = None if optimizer.last_grad_norm is None else float(optimizer.last_grad_norm)
             dt = time.perf_counter() - t0
@@ -726,15 +727,17 @@ def _shard(batch, rank: int, world: int):
                                attention_mask=mask)
 
 
-def _mean_over_ranks(loss: torch.Tensor, world: int) -> float:
-    """The loss of the global batch (mean of the ranks' shard losses), for the log."""
-    if world > 1:
-        import torch.distributed as dist
+def _agree_over_ranks(loss: torch.Tensor, stop_requested: bool, world: int) -> Tuple[float, bool]:
+    """The loss of the global batch (mean of the ranks' shard losses), for the log, and whether any
+    rank was asked to stop: in one all-reduce, so that every rank stops after the same step (a rank
+    stopping alone would leave the others waiting in a collective)."""
+    if world == 1:
+        return loss.item(), stop_requested
+    import torch.distributed as dist
 
-        loss = loss.float().clone()
-        dist.all_reduce(loss)
-        loss /= world
-    return loss.item()
+    both = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(stop_requested), device=loss.device)])
+    dist.all_reduce(both)
+    return (both[0] / world).item(), bool(both[1] > 0)
 
 
 def _prepare_run_dir(cfg: TrainConfig, start: int) -> str:

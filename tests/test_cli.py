@@ -315,3 +315,31 @@ def test_keep_activations_is_passed_recorded_and_may_change_on_resume(tmp_path, 
     assert run_cli("--resume", run, "--steps", 1, "--keep-activations", "ALL", "--no-progress") == 0
     assert json.loads((run / "config.json").read_text())["keep_activations"] == "all"
     assert seen == [2, "all"]
+
+
+def _stop_agreement_worker(rank: int, port: int, out_dir: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from badam_kernels.train import _agree_over_ranks
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        # only rank 1 was interrupted (Ctrl-C reached it a step earlier): both must stop now
+        results = [_agree_over_ranks(torch.tensor(float(rank + 1)), stop, 2) for stop in (False, rank == 1)]
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_to_stop_after_the_same_step(tmp_path):
+    import torch.multiprocessing as mp
+
+    from helpers import free_port
+
+    mp.spawn(_stop_agreement_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == [(1.5, False), (1.5, True)]
