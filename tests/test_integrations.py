@@ -198,17 +198,20 @@ EXAMPLES = {
     "hf_trainer": [sys.executable, "python/hf_trainer.py", "--steps", "4", "--switch-every", "2", "--grad-accum", "1"],
     "accelerate_loop": [sys.executable, "python/accelerate_loop.py", "--steps", "3", "--switch-every", "2"],
     "torchrun_plain_loop": ["bash", "python/torchrun_plain_loop.sh", "--steps", "2"],
+    "torchrun_fsdp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                      "python/torchrun_fsdp.py", "--steps", "3"],
 }
 
 
 def test_every_example_runs(tmp_path):
-    """All four at once (each spends most of its time importing torch and transformers)."""
+    """All at once (each spends most of its time importing torch and transformers)."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}  # this venv's torchrun
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],  # this venv's torchrun
+           "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     procs = {}
     for name, command in EXAMPLES.items():
-        if name in ("hf_trainer", "accelerate_loop"):
+        if name in ("hf_trainer", "accelerate_loop", "torchrun_fsdp"):
             command = command + ["--out", str(tmp_path / name)]
         procs[name] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        text=True)
