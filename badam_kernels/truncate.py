@@ -15,10 +15,11 @@ grad), so every layer is recomputed and differentiated whatever block is active.
   lowest trainable one up run without gradient checkpointing.
 
 Why the last option: above the active block the layers are frozen, so their backward only computes
-input gradients (about one forward's FLOPs), but checkpointing first re-runs their forward, a
-third of what backward costs there. Run without checkpointing they keep their activations instead
-(frozen linears save no input, so less than a trainable layer keeps: about 190 MB per Llama-3-8B
-layer at 2x1024 tokens); ``n`` trades that memory for the recompute.
+input gradients (about one forward's FLOPs), but checkpointing first re-runs their forward: half
+of what backward costs there. Run without checkpointing they keep their activations instead
+(frozen linears save no input, so less than a trainable layer keeps; measured on the Llama-3-8B
+shape at 2x1024 tokens: 0.25 GiB per layer, and 1.25x the tokens/s with every layer kept);
+``n`` trades that memory for the recompute.
 
 Nothing is truncated while a parameter that comes before the stack (the embedding, or an lm_head
 tied to it) is trainable, since then gradients must flow through every layer. The ``__call__`` is
