@@ -12,7 +12,7 @@ exist only for the local shard, so optimizer memory is 1/N of the unsharded BAda
 
 What crosses the wire: in forward an all-gather of every layer (all of them run), in backward an
 all-gather of each layer that backward visits (with ``truncate_backward``, the active block and the
-layers above it, plus the layer just below, which FSDP2's backward prefetch gathers in vain) and a
+layers above it: it also stops FSDP2's backward prefetch of the layer below, never reached) and a
 reduce-scatter of the active block's gradients only, since nothing else requires grad; per step one
 scalar all-reduce for the global gradient norm when clipping or checking for non-finite gradients.
 

@@ -21,6 +21,10 @@ of what backward costs there. Run without checkpointing they keep their activati
 shape at 2x1024 tokens: 0.25 GiB per layer, and 1.25x the tokens/s with every layer kept);
 ``n`` trades that memory for the recompute.
 
+Under FSDP2 the layers below the active block are also told not to all-gather in backward
+(``set_unshard_in_backward(False)``): FSDP2's backward prefetch would otherwise gather the layer
+below the lowest trainable one, which backward never reaches.
+
 Nothing is truncated while a parameter that comes before the stack (the embedding, or an lm_head
 tied to it) is trainable, since then gradients must flow through every layer. The ``__call__`` is
 installed by swapping each layer's class for a subclass, so it sits outside any wrapper the layer's
@@ -93,6 +97,7 @@ class TruncatedBackward:
         self._layer_params = [list(layer.parameters()) for layer in self.layers]
         self._params_before = params_before
         self._lowest: Optional[int] = None
+        self._gathering_from: Optional[int] = None  # FSDP2 layers from here up all-gather in backward
         self._original_classes = [type(layer) for layer in self.layers]
         for index, layer in enumerate(self.layers):
             layer._badam_truncation = (self, index)
@@ -111,6 +116,7 @@ class TruncatedBackward:
             return _PLAIN
         if index == 0 or self._lowest is None:  # re-read once per forward pass, at the first layer
             self._lowest = self.lowest_trainable()
+            self._gather_in_backward_from(self._lowest)
         lowest = self._lowest
         if lowest is None or index < lowest:
             return _BELOW
@@ -118,7 +124,18 @@ class TruncatedBackward:
             return _KEEP
         return _LOWEST if index == lowest else _PLAIN
 
+    def _gather_in_backward_from(self, lowest: Optional[int]) -> None:
+        """FSDP2 layers below ``lowest`` skip the all-gather in backward (no-op for other layers)."""
+        first = len(self.layers) if lowest is None else max(lowest, 0)
+        if first == self._gathering_from:
+            return
+        self._gathering_from = first
+        for index, layer in enumerate(self.layers):
+            if hasattr(layer, "set_unshard_in_backward"):
+                layer.set_unshard_in_backward(index >= first)
+
     def remove(self) -> None:
+        self._gather_in_backward_from(-1)
         for layer, cls in zip(self.layers, self._original_classes):
             layer.__class__ = cls
             del layer._badam_truncation

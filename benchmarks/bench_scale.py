@@ -38,10 +38,10 @@ bf16 parameters all-gather in bf16 and reduce-scatter bf16 gradients). With the 
 lowest layer l, L layers and the root unit R (nothing before the stack trainable)::
 
     allgather_forward     = sum(all units)                            (every layer runs forward)
-    allgather_backward    = sum(layers l..L-1) + R + [layer l-1 if l > 0]
+    allgather_backward    = sum(layers l..L-1) + R
                             (the units backward visits: the root, resharded after forward since
-                            shard_model passes reshard_after_forward=True, the layers from l up,
-                            and the layer below l that FSDP2's backward prefetch gathers in vain)
+                            shard_model passes reshard_after_forward=True, and the layers from l
+                            up; truncate_backward stops FSDP2's prefetch of the layer below l)
     reducescatter         = sum over the active block's parameters of their padded bytes (bf16
                             gradients of bf16 parameters: the same sizes)
     allreduce             = 4 (the fp32 squared gradient norm of ShardedBlockOptimizer)
@@ -236,8 +236,6 @@ class CommModel:
             backward = self.total_bytes
         else:
             backward = self.root_bytes + sum(self.layer_bytes[lowest:])
-            if 0 < lowest < len(self.layers):
-                backward += self.layer_bytes[lowest - 1]  # FSDP2's backward prefetch of the layer below
         grads = [p for p in self.root_params if p.requires_grad]
         grads += [p for ps in self.layer_params for p in ps if p.requires_grad]
         reducescatter = sum(full_bytes(p, self.world) for p in grads)
