@@ -68,6 +68,15 @@ Only rank 0 writes: ``benchmarks/results/bench_scale_<shape>_<W>gpu_<device>_<da
 for CPU processes; ``$BENCH_RESULTS_DIR`` overrides the folder, ``--out`` the file) and a PNG of
 tokens/s and peak memory per step beside it.
 
+``--parallel replicated`` runs the same loop data parallel instead: the whole model on every rank
+(the same weights), ``DataParallelBlockOptimizer``, one all-reduce of the active block's flat
+gradient buffer per step (``allreduce_bytes_model``; nothing is gathered). The 1 vs 2 GPU
+comparison on the 8B shape::
+
+    torchrun --nproc-per-node 1 benchmarks/bench_scale.py --shape 8b --batch 2 --seq 1024 --parallel replicated
+    torchrun --nproc-per-node 2 benchmarks/bench_scale.py --shape 8b --batch 2 --seq 1024 --parallel replicated
+    torchrun --nproc-per-node 2 benchmarks/bench_scale.py --shape 8b --batch 2 --seq 1024   # sharded
+
 The 70B run on 8 GPUs::
 
     torchrun --nproc-per-node 8 benchmarks/bench_scale.py --shape 70b
@@ -99,7 +108,8 @@ sys.path.insert(1, str(HERE.parent))
 from common import command_line, device_record, median, result_path, write_json  # noqa: E402
 
 from badam_kernels.cli import count_or_all  # noqa: E402
-from badam_kernels.distributed import comm_device, init_distributed, is_main_process  # noqa: E402
+from badam_kernels.distributed import (DataParallelBlockOptimizer, comm_device, init_distributed,  # noqa: E402
+                                       is_main_process)
 from badam_kernels.models import find_layer_stack  # noqa: E402
 from badam_kernels.schedule import SWITCH_MODES  # noqa: E402
 from badam_kernels.sharded import ShardedBlockOptimizer, shard_model  # noqa: E402
@@ -122,8 +132,10 @@ GiB = 2**30
 
 
 # ----------------------------------------------------------------------------------- the model
-def build_model(shape: str, seq: int, device: torch.device, seed: int, rank: int, world: int):
-    """The Llama of ``shape``, sharded over the world and initialised shard by shard (never whole)."""
+def build_model(shape: str, seq: int, device: torch.device, seed: int, rank: int, world: int,
+                sharded: bool = True):
+    """The Llama of ``shape``, sharded over the world and initialised shard by shard (never whole);
+    ``sharded=False``: whole on every rank, the same weights everywhere (data parallel)."""
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -139,10 +151,12 @@ def build_model(shape: str, seq: int, device: torch.device, seed: int, rank: int
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()  # what the HF Trainer does: the embedding output requires grad
-    mesh = init_device_mesh(device.type, (world,))
-    shard_model(model, mesh=mesh)
+    if sharded:
+        shard_model(model, mesh=init_device_mesh(device.type, (world,)))
     model.to_empty(device=device)
-    init_local_shards(model, device, seed * 1_000_003 + rank)
+    if not sharded and config.tie_word_embeddings:
+        model.tie_weights()  # to_empty gave lm_head storage of its own (FSDP2 keeps the tie: one parameter)
+    init_local_shards(model, device, seed * 1_000_003 + (rank if sharded else 0))
     return model
 
 
@@ -199,8 +213,8 @@ def plain_bytes(params) -> int:
 class CommModel:
     """The FSDP2 units of the sharded model and what a step moves (see the module docstring)."""
 
-    def __init__(self, model, world: int):
-        self.world = world
+    def __init__(self, model, world: int, sharded: bool = True):
+        self.world, self.sharded = world, sharded
         self.layers = list(find_layer_stack(model))
         in_stack = {id(p) for layer in self.layers for p in layer.parameters()}
         seen = set()
@@ -210,8 +224,9 @@ class CommModel:
                 seen.add(id(p))
                 self.root_params.append(p)
         self.layer_params = [list(layer.parameters()) for layer in self.layers]
-        self.layer_bytes = [sum(full_bytes(p, world) for p in ps) for ps in self.layer_params]
-        self.root_bytes = sum(full_bytes(p, world) for p in self.root_params)
+        pad_to = world if sharded else 1  # FSDP2 pads dim 0 to a multiple of the world
+        self.layer_bytes = [sum(full_bytes(p, pad_to) for p in ps) for ps in self.layer_params]
+        self.root_bytes = sum(full_bytes(p, pad_to) for p in self.root_params)
         self.total_bytes = sum(self.layer_bytes) + self.root_bytes  # padded, as gathered
         self.param_bytes = plain_bytes(self.root_params) + sum(plain_bytes(ps) for ps in self.layer_params)
         self.num_params = sum(p.numel() for p in self.root_params) + sum(p.numel() for ps in self.layer_params
@@ -238,14 +253,25 @@ class CommModel:
             backward = self.root_bytes + sum(self.layer_bytes[lowest:])
         grads = [p for p in self.root_params if p.requires_grad]
         grads += [p for ps in self.layer_params for p in ps if p.requires_grad]
-        reducescatter = sum(full_bytes(p, self.world) for p in grads)
-        allreduce = 4
+        if self.sharded:
+            reducescatter = sum(full_bytes(p, self.world) for p in grads)
+            allreduce = 4
+        else:  # DataParallelBlockOptimizer: one all-reduce of the active block's flat gradient buffer
+            forward = backward = reducescatter = 0
+            allreduce = self.active_grad_buffer_bytes(grads)
         allgather = forward + backward
         return {"lowest_layer": lowest, "allgather_forward_bytes_model": forward,
                 "allgather_backward_bytes_model": backward, "allgather_bytes_model": allgather,
                 "reducescatter_bytes_model": reducescatter, "allreduce_bytes_model": allreduce,
                 "active_param_bytes": plain_bytes(grads),
                 "wire_bytes_model": self.wire(allgather, reducescatter, allreduce)}
+
+    @staticmethod
+    def active_grad_buffer_bytes(grads) -> int:
+        """The flat gradient buffer's bytes (block_state.layout: each tensor padded to ALIGN elements)."""
+        from badam_kernels.block_state import ALIGN
+
+        return sum(-(-p.numel() // ALIGN) * ALIGN * p.element_size() for p in grads)
 
     def baselines(self) -> dict:
         """Per step: plain FSDP2 full fine-tuning and plain DDP on the same model and world."""
@@ -408,7 +434,8 @@ def timed_step(model, opt, ids, device: torch.device, counter: Optional[CommCoun
 def run(args, rank: int, world: int, device: torch.device) -> dict:
     agree = Agreement(rank, world)
     cuda = device.type == "cuda"
-    payload = {"experiment": "sharded_badam_fsdp2", "shape": args.shape, "config": SHAPES[args.shape],
+    payload = {"experiment": "sharded_badam_fsdp2" if args.parallel == "sharded" else "data_parallel_badam",
+               "parallel": args.parallel, "shape": args.shape, "config": SHAPES[args.shape],
                "world_size": world, "batch_per_rank": args.batch, "seq": args.seq,
                "tokens_per_step": world * args.batch * args.seq, "switch_every": args.switch_every,
                "switch_mode": args.switch_mode, "start_block": args.start_block, "blocks": args.blocks,
@@ -416,10 +443,12 @@ def run(args, rank: int, world: int, device: torch.device) -> dict:
                "dtype": "bfloat16" if cuda else "float32", "backend": dist.get_backend(),
                "gradient_checkpointing": True, "truncate_backward": True, "status": "running", "steps": []}
     out_path = output_path(args, world, cuda)
-    model, failed = attempt(lambda: build_model(args.shape, args.seq, device, args.seed, rank, world), cuda)
+    sharded = args.parallel == "sharded"
+    model, failed = attempt(lambda: build_model(args.shape, args.seq, device, args.seed, rank, world, sharded),
+                            cuda)
     if stop_on_oom(agree, failed, "build", payload):
         return finish(args, payload, out_path, rank, world, cuda)
-    comm = CommModel(model, world)
+    comm = CommModel(model, world, sharded)
     payload.update(model=comm.describe(), comm_baselines_per_step=comm.baselines(),
                    model_shard_bytes=torch.cuda.memory_allocated() if cuda else None)
     opt, failed = attempt(lambda: make_optimizer(model, args), cuda)
@@ -489,10 +518,11 @@ def attempt(build, cuda: bool):
         return None, True
 
 
-def make_optimizer(model, args) -> ShardedBlockOptimizer:
-    """The sharded BAdam optimizer, with the backward truncated below its active block."""
+def make_optimizer(model, args):
+    """The sharded (or data-parallel) BAdam optimizer, with the backward truncated below its active block."""
     base = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    opt = ShardedBlockOptimizer(base, list(model.named_parameters()), switch_block_every=args.switch_every,
+    cls = ShardedBlockOptimizer if args.parallel == "sharded" else DataParallelBlockOptimizer
+    opt = cls(base, list(model.named_parameters()), switch_block_every=args.switch_every,
                                 switch_mode=args.switch_mode, start_block=args.start_block, verbose=0,
                                 seed=args.seed)
     truncate_backward(model, keep_activations=args.keep_activations)
@@ -541,7 +571,8 @@ def summarise(payload: dict, comm: CommModel) -> dict:
 
 # ----------------------------------------------------------------------------------- output
 def result_stem(args, world: int, cuda: bool) -> str:
-    return f"bench_scale_{args.shape}_{world}{'gpu' if cuda else 'proc'}"
+    mode = "" if args.parallel == "sharded" else "_replicated"
+    return f"bench_scale_{args.shape}{mode}_{world}{'gpu' if cuda else 'proc'}"
 
 
 def output_path(args, world: int, cuda: bool) -> Path:
@@ -628,6 +659,9 @@ def positive(value: str) -> int:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=list(SHAPES), default="70b")
+    parser.add_argument("--parallel", choices=["sharded", "replicated"], default="sharded",
+                        help="FSDP2 with ShardedBlockOptimizer, or the whole model on every rank with "
+                             "DataParallelBlockOptimizer (one all-reduce of the active block's gradients)")
     parser.add_argument("--batch", type=positive, default=1, help="sequences per rank")
     parser.add_argument("--seq", type=positive, default=2048)
     parser.add_argument("--blocks", type=positive, default=10, help="blocks measured")

@@ -25,7 +25,7 @@ TOTAL = LAYERS * LAYER_PARAMS + ROOT_PARAMS
 pytestmark = pytest.mark.slow
 
 
-def bench_scale(nproc, *args, tmp_path, timeout=120):
+def bench_scale(nproc, *args, tmp_path, timeout=120, stem="tiny"):
     """Run the benchmark under torchrun; return its JSON (the one result file) and the process."""
     env = {**os.environ, "BENCH_RESULTS_DIR": str(tmp_path), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": "",  # gloo on the CPU, also on a machine with GPUs
@@ -35,7 +35,7 @@ def bench_scale(nproc, *args, tmp_path, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
     reasons = [line for line in done.stderr.splitlines() if "rror" in line or "terminate" in line]
     assert done.returncode == 0, "\n".join(reasons[:20]) + "\n" + done.stderr[-2000:]
-    (result,) = tmp_path.glob(f"bench_scale_tiny_{nproc}proc_*.json")
+    (result,) = tmp_path.glob(f"bench_scale_{stem}_{nproc}proc_*.json")
     assert result.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp"))
     return json.loads(result.read_text()), done
@@ -93,6 +93,19 @@ def test_two_processes_fsdp2_on_gloo(tmp_path):
         assert r["reducescatter_bytes_counted"] == r["reducescatter_bytes_model"]
     assert payload["summary"]["wire_vs_ddp"] > 0 and payload["summary"]["wire_vs_fsdp_full"] < 1
     assert done.stdout.count("bench_scale: tiny on 2 rank(s)") == 1  # rank 0 alone reports
+
+
+def test_two_replicated_processes_all_reduce_the_active_block_only(tmp_path):
+    """--parallel replicated: DataParallelBlockOptimizer, one all-reduce of the active layer per step
+    (its dims are multiples of the flat buffer's 64-element alignment: no padding)."""
+    payload, _ = bench_scale(2, *SMOKE, "--parallel", "replicated", tmp_path=tmp_path, stem="tiny_replicated")
+    check_steps(payload, world=2)
+    assert payload["parallel"] == "replicated"
+    for r in payload["steps"]:
+        assert r["allgather_bytes_model"] == r["reducescatter_bytes_model"] == 0
+        assert r["allreduce_bytes_model"] == r["allreduce_bytes_counted"] == LAYER_PARAMS * FP32
+        assert r["allgather_bytes_counted"] == r["reducescatter_bytes_counted"] == 0
+    assert payload["summary"]["wire_vs_ddp"] == pytest.approx(LAYER_PARAMS / TOTAL)
 
 
 def test_single_process(tmp_path):
