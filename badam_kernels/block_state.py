@@ -100,7 +100,12 @@ class FlatGroup:
         self._views_of_grad: List[Tensor] = []
         self._hooks = [e.param.register_post_accumulate_grad_hook(_adopt_hook(weakref.ref(self), k))
                        for k, e in enumerate(self.entries)]
-        specs = state_specs(self.dtype, total, keep_master=keep_master, with_moments=with_moments,
+        self._allocate_states(keep_master, with_moments, state_dtype)
+
+    def _allocate_states(self, keep_master: bool, with_moments: bool, state_dtype: torch.dtype) -> None:
+        """The master and moment buffers ``state_specs`` asks for (zeros where padding needs them)."""
+        new = torch.zeros if self.padded else torch.empty
+        specs = state_specs(self.dtype, self.numel, keep_master=keep_master, with_moments=with_moments,
                             state_dtype=state_dtype)
         self.master = self.exp_avg = self.exp_avg_sq = None
         for name, (shape, dtype) in specs.items():

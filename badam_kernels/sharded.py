@@ -134,13 +134,7 @@ class ShardedFlatGroup(FlatGroup):
         self.grad: Optional[Tensor] = None
         self._views_of_grad: List[Tensor] = []
         self._hooks = []
-        self.master = self.exp_avg = self.exp_avg_sq = None
-        specs = state_specs(self.dtype, self.numel, keep_master=keep_master, with_moments=with_moments,
-                            state_dtype=state_dtype)
-        for name, (shape, dtype) in specs.items():
-            if name != "step":
-                setattr(self, name, new(shape, dtype=dtype, device=self.device))
-        self.step = torch.zeros(1, dtype=torch.float32, device=self.device)
+        self._allocate_states(keep_master, with_moments, state_dtype)
 
     def _views(self, flat: Tensor) -> List[Tensor]:
         return self.layout.views(flat)
