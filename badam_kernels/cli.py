@@ -87,7 +87,7 @@ def _prefix_list(text: str) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import BACKENDS, DEVICES, DTYPES, STATE_POLICIES, SWITCH_MODES
+    from .train import BACKENDS, DEVICES, DTYPES, KEEP_MODES, STATE_POLICIES, SWITCH_MODES
 
     p = _Parser(
         prog=PROG,
@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the top N layers from the active block up skip gradient checkpointing: they keep "
                         "their activations instead of recomputing them (faster backward, more memory); 'all' "
                         "for every layer from the active block up; only with --grad-checkpointing (default: 0)")
+    b.add_argument("--keep-mode", choices=KEEP_MODES,
+                   help="what the --keep-activations layers keep: all their activations, or only the outputs of "
+                        "matrix products and attention, recomputing the elementwise operations (default: all)")
     o = p.add_argument_group("output")
     o.add_argument("--log-every", metavar="N", type=_positive_int, help="a log line every N steps (default: 50)")
     o.add_argument("--save-every", metavar="N", type=_non_negative_int,

@@ -47,6 +47,7 @@ from .data import ByteTokenizer, DataError, build_batches
 from .memory import format_bytes, memory_report
 from .ops import BACKEND_NAMES
 from .optimizer import STATE_POLICIES
+from .truncate import KEEP_MODES
 from .plots import plot_loss, read_metrics
 from .schedule import SWITCH_MODES
 
@@ -67,7 +68,7 @@ EMBEDDED_DATA_STEPS = 400  # steps on the shipped text; a --data file gets one p
 
 # Options a resumed run may change; every other one is the saved run's.
 RESUME_MAY_CHANGE = ("steps", "out", "resume", "log_every", "save_every", "backend", "progress", "device",
-                     "keep_activations")
+                     "keep_activations", "keep_mode")
 
 
 class ConfigError(ValueError):
@@ -97,6 +98,7 @@ class TrainConfig:
     backend: str = "auto"
     grad_checkpointing: bool = False
     keep_activations: Union[int, str] = 0  # top layers from the active block up not checkpointed; "all"
+    keep_mode: str = "all"  # what those layers keep: "all" activations or "matmuls" (recompute elementwise ops)
     shard: bool = False  # FSDP2: model and optimizer states sharded over the processes (else data parallel)
     seed: int = 0
     dtype: Optional[str] = None  # bf16 on a GPU, fp32 on the CPU
@@ -144,6 +146,7 @@ def validate(cfg: TrainConfig) -> None:
              f"--keep-activations must be a non-negative integer or 'all', got {keep!r}")
     _require(keep == 0 or cfg.grad_checkpointing, "--keep-activations only applies with --grad-checkpointing "
              "(without it every layer keeps its activations anyway)")
+    _require(cfg.keep_mode in KEEP_MODES, f"--keep-mode must be one of {', '.join(KEEP_MODES)}, got {cfg.keep_mode!r}")
     _require(isinstance(cfg.shard, bool), f"--shard must be true or false, got {cfg.shard!r}")
     if cfg.model is not None:
         _require(os.path.exists(cfg.model), f"model not found: {cfg.model} (give a local Hugging Face "
@@ -538,7 +541,7 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
             max_grad_norm=cfg.max_grad_norm or None, seed=cfg.seed, **parallel)
     except (ValueError, TypeError) as exc:
         raise ConfigError(_one_line(exc)) from None
-    truncation = truncate_backward(model, keep_activations=cfg.keep_activations)  # after shard_model: wraps it
+    truncation = truncate_backward(model, keep_activations=cfg.keep_activations, keep_mode=cfg.keep_mode)  # after shard_model: wraps it
     warmup = cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)

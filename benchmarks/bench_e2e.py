@@ -120,14 +120,14 @@ class Method:
 
 
 def method_ours(model, K, start_block=None, backend=None, policy="reset", fused_ce=False, keep_activations=0,
-                ce_chunk_mem=1, **extra):
+                keep_mode="all", ce_chunk_mem=1, **extra):
     from badam_kernels import BlockOptimizer, truncate_backward
 
     base = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     mode = "fixed" if start_block is not None else "descending"
     opt = BlockOptimizer(base, list(model.named_parameters()), switch_block_every=K, switch_mode=mode,
                          start_block=start_block, verbose=0, backend=backend, state_policy=policy, **extra)
-    truncate_backward(model, keep_activations=keep_activations)
+    truncate_backward(model, keep_activations=keep_activations, keep_mode=keep_mode)
     loss_fn = functools.partial(fused_ce_loss, chunk_mem_const=ce_chunk_mem) if fused_ce else hf_loss
     return Method(opt, loss_fn)
 
@@ -203,6 +203,8 @@ METHODS: Dict[str, Callable] = {
     "ours_fused_ce": lambda m, K, **kw: method_ours(m, K, fused_ce=True, **kw),
     # no recompute above the active block: frozen layers keep their activations
     "ours_fast": lambda m, K, **kw: method_ours(m, K, keep_activations="all", **kw),
+    # the kept layers save only matrix-product and attention outputs, recompute the elementwise ops
+    "ours_fast_sac": lambda m, K, **kw: method_ours(m, K, keep_activations="all", keep_mode="matmuls", **kw),
     "ours_fast_ce": lambda m, K, **kw: method_ours(m, K, fused_ce=True, keep_activations="all", **kw),
     # fewer, larger cross-entropy chunks: faster forward, a few hundred MB more
     "ours_fast_ce8": lambda m, K, **kw: method_ours(m, K, fused_ce=True, keep_activations="all", ce_chunk_mem=8,

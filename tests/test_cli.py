@@ -305,16 +305,17 @@ def test_keep_activations_is_passed_recorded_and_may_change_on_resume(tmp_path, 
     original = badam_kernels.truncate_backward
 
     def recording(model, **kwargs):
-        seen.append(kwargs.get("keep_activations"))
+        seen.append((kwargs.get("keep_activations"), kwargs.get("keep_mode")))
         return original(model, **kwargs)
 
     monkeypatch.setattr(badam_kernels, "truncate_backward", recording)
     run = tmp_path / "run"
     assert run_cli("--steps", 1, "--grad-checkpointing", "--keep-activations", 2, "--out", run, *TINY) == 0
     assert json.loads((run / "config.json").read_text())["keep_activations"] == 2
-    assert run_cli("--resume", run, "--steps", 1, "--keep-activations", "ALL", "--no-progress") == 0
+    assert run_cli("--resume", run, "--steps", 1, "--keep-activations", "ALL", "--keep-mode", "matmuls",
+                   "--no-progress") == 0
     assert json.loads((run / "config.json").read_text())["keep_activations"] == "all"
-    assert seen == [2, "all"]
+    assert seen == [(2, "all"), ("all", "matmuls")]
 
 
 def _stop_agreement_worker(rank: int, port: int, out_dir: str) -> None:

@@ -106,9 +106,9 @@ def test_config_passes_keep_activations_to_the_truncation():
     from badam_kernels import find_layer_stack
 
     model = tiny_llama()
-    make_badam_optimizer(model, BAdamConfig(keep_activations=2), lr=1e-3)
+    make_badam_optimizer(model, BAdamConfig(keep_activations=2, keep_mode="matmuls"), lr=1e-3)
     handle, _ = find_layer_stack(model)[0]._badam_truncation
-    assert handle.keep_activations == 2
+    assert handle.keep_activations == 2 and handle.keep_mode == "matmuls"
 
 
 def test_activation_checkpointing_keeps_the_truncation(tmp_path):

@@ -1,6 +1,7 @@
 """Truncated backward: with block k active, layers below k build no graph, and gradients are unchanged."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from badam_kernels import BlockOptimizer, find_layer_stack, truncate_backward
 from helpers import batches, enable_checkpointing, lm_loss, tiny_llama
@@ -39,13 +40,28 @@ class LayerProbe:
         return hook
 
 
-def grads_of(model, prefix, ckpt, truncate, keep=0):
+class MatmulCounter(TorchDispatchMode):
+    """Counts matrix products (aten.mm) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.mm = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.mm += func is torch.ops.aten.mm.default
+        return func(*args, **(kwargs or {}))
+
+
+def grads_of(model, prefix, ckpt, truncate, keep=0, keep_mode="all"):
     activate(model, prefix)
     if ckpt != "none":
         enable_checkpointing(model, reentrant=ckpt == "reentrant")
-    handle = truncate_backward(model, keep_activations=keep) if truncate else None
+    handle = truncate_backward(model, keep_activations=keep, keep_mode=keep_mode) if truncate else None
     probe = LayerProbe(model)
-    lm_loss(model, batches(1, seq=16)[0]).backward()
+    loss = lm_loss(model, batches(1, seq=16)[0])
+    with MatmulCounter() as counter:
+        loss.backward()
+    probe.backward_mm = counter.mm
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     if handle:
         handle.remove()
@@ -81,6 +97,31 @@ def test_kept_layers_skip_the_recompute_and_gradients_are_unchanged(ckpt, block,
     for name in reference:
         torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-7)
     assert all(layer.gradient_checkpointing for layer in find_layer_stack(probe.model))  # restored
+
+
+@pytest.mark.parametrize("ckpt", ["reentrant", "nonreentrant"])
+@pytest.mark.parametrize("block, keep", [(0, "all"), (1, 2)])
+def test_matmuls_mode_recomputes_no_matrix_product_and_gradients_are_unchanged(ckpt, block, keep):
+    """keep_mode="matmuls": the kept layers' forward is replayed in backward for its elementwise
+    operations only, so backward runs as many matrix products as with every activation kept."""
+    prefix = f"model.layers.{block}."
+    reference, _ = grads_of(tiny_llama(layers=LAYERS), prefix, "none", truncate=False)
+    grads, probe = grads_of(tiny_llama(layers=LAYERS), prefix, ckpt, truncate=True, keep=keep,
+                            keep_mode="matmuls")
+    _, kept_all = grads_of(tiny_llama(layers=LAYERS), prefix, ckpt, truncate=True, keep=keep)
+    _, recomputed = grads_of(tiny_llama(layers=LAYERS), prefix, ckpt, truncate=True)
+    assert probe.graph == probe.backward == set(range(block, LAYERS))
+    assert probe.backward_mm == kept_all.backward_mm < recomputed.backward_mm
+    assert grads.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-7)
+    assert all(layer.gradient_checkpointing and "_gradient_checkpointing_func" in vars(layer)
+               for layer in find_layer_stack(probe.model))  # HF's own checkpointing function is back
+
+
+def test_keep_mode_is_checked():
+    with pytest.raises(ValueError, match="keep_mode"):
+        truncate_backward(tiny_llama(layers=LAYERS), keep_mode="some")
 
 
 @pytest.mark.parametrize("keep", [-1, 1.5, True, "some"])

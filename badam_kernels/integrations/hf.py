@@ -67,6 +67,7 @@ class BAdamConfig:
     seed: Optional[int] = None  # random block order; BAdamTrainer uses args.seed when None
     truncate: bool = True  # install truncate_backward on the model
     keep_activations: object = 0  # truncate_backward's: top layers that skip checkpointing (int or "all")
+    keep_mode: str = "all"  # truncate_backward's: what those layers keep ("all" or "matmuls")
     verbose: int = 0
 
 
@@ -90,7 +91,7 @@ def make_badam_optimizer(model: torch.nn.Module, config: Optional[BAdamConfig] =
         max_grad_norm=config.max_grad_norm, skip_nonfinite=config.skip_nonfinite,
         prefetch_steps=config.prefetch_steps, seed=config.seed)
     if config.truncate and not is_truncated(model):
-        truncate_backward(model, keep_activations=config.keep_activations)
+        truncate_backward(model, keep_activations=config.keep_activations, keep_mode=config.keep_mode)
     return optimizer
 
 
