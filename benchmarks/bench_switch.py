@@ -166,7 +166,9 @@ def plot(rows, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([r["method"] for r in rows], [max(r["stall_ms_median"], 0.0) for r in rows])
+    stalls = [max(r["stall_ms_median"], 0.0) for r in rows]
+    bars = ax.bar([r["method"] for r in rows], stalls)
+    ax.bar_label(bars, labels=[f"{v:.2f} ms" for v in stalls])  # ours are too short to read off the axis
     ax.set_ylabel("stall a switch adds (ms)")
     ax.set_title(f"one Llama-3-8B layer per block, {rows[0]['switch_every']} steps per block")
     fig.tight_layout()
