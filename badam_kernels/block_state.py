@@ -13,6 +13,7 @@ policy, with copies on a side stream so that a switch does not wait for the link
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -24,6 +25,20 @@ from . import ops
 
 ALIGN = 64  # elements
 Key = Tuple[int, int]  # (block, dtype group) of a parked state
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """The part of ``t`` this process holds: a DTensor's (FSDP2) local shard, any other tensor itself.
+
+    Under ``no_grad`` so that it is FSDP2's own storage (written in place by the sharded optimizer),
+    not an autograd alias. No DTensor exists unless its module was imported, so this checks without
+    importing it (that costs most of a second at start-up).
+    """
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is None or not isinstance(t, dtensor.DTensor):
+        return t
+    with torch.no_grad():
+        return t.to_local()
 
 
 def _aligned(n: int) -> int:

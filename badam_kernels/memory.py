@@ -4,14 +4,15 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-from torch.distributed.tensor import DTensor
+
+from .block_state import local_shard
 
 
 def _nbytes(t) -> int:
     """Bytes this process holds: a DTensor's (FSDP2) local shard only."""
     if t is None:
         return 0
-    t = _local(t)
+    t = local_shard(t)
     return t.numel() * t.element_size()
 
 
@@ -31,14 +32,10 @@ def memory_report(optimizer, model: torch.nn.Module) -> Dict[str, int]:
     flat_grads = {g.grad.data_ptr() for g in optimizer.groups if g.grad is not None}
     grads = sum(_nbytes(g.grad) for g in optimizer.groups if g.grad is not None)
     grads += sum(_nbytes(p.grad) for p in model.parameters()
-                 if p.grad is not None and _local(p.grad).untyped_storage().data_ptr() not in flat_grads)
+                 if p.grad is not None and local_shard(p.grad).untyped_storage().data_ptr() not in flat_grads)
     return {"weights": weights, "master": master, "moments": moments, "grads": grads,
             "host_parked": optimizer.park.nbytes() + sum(
                 _nbytes(v) for state in optimizer._parked_base.values() for v in _tensors(state))}
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _tensors(obj):

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from .block_state import Entry, FlatGroup, layout, state_specs
+from .block_state import Entry, FlatGroup, layout, local_shard, state_specs
 from .distributed import agreed_seed, comm_device
 from .models import find_layer_stack
 from .optimizer import STATE_DICT_FORMAT, BlockOptimizer, _fused_adamw_eligible
@@ -59,14 +59,6 @@ def shard_model(model: nn.Module, mesh=None, reshard_after_forward: bool = True,
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model
-
-
-def _local(t: Tensor) -> Tensor:
-    """The rank's shard of a DTensor (FSDP2's own storage, to be written in place), else the tensor."""
-    if not isinstance(t, DTensor):
-        return t
-    with torch.no_grad():  # without grad mode, to_local is the local tensor itself, not an autograd alias
-        return t.to_local()
 
 
 def _as_global(local: Tensor, like: Tensor) -> Tensor:
@@ -102,7 +94,7 @@ class LocalLayout:
 
     @classmethod
     def of(cls, entries: Sequence[Entry]) -> "LocalLayout":
-        local = [Entry(e.index, e.name, _local(e.param), e.decay) for e in entries]
+        local = [Entry(e.index, e.name, local_shard(e.param), e.decay) for e in entries]
         ordered, offsets, numel, decay_numel = layout(local)
         by_index = {e.index: e for e in entries}
         return cls([by_index[e.index] for e in ordered], offsets, [e.param.shape for e in ordered], numel, decay_numel)
@@ -126,7 +118,7 @@ class ShardedFlatGroup(FlatGroup):
         self.entries, self.offsets = self.layout.entries, self.layout.offsets
         self.numel, self.decay_numel = self.layout.numel, self.layout.decay_numel
         first = self.entries[0].param
-        self.dtype, self.device = first.dtype, _local(first).device
+        self.dtype, self.device = first.dtype, local_shard(first).device
         self.padded = self.numel != sum(s.numel() for s in self.layout.shapes)
         new = torch.zeros if self.padded else torch.empty  # padding holds zeros in every buffer
         self.param = new(self.numel, dtype=self.dtype, device=self.device)
@@ -143,13 +135,13 @@ class ShardedFlatGroup(FlatGroup):
     def pull_params(self) -> None:
         """Copy the local shards into the flat ``param`` buffer (they may have been loaded meanwhile)."""
         for e, view in zip(self.entries, self._views(self.param)):
-            view.copy_(_local(e.param))
+            view.copy_(local_shard(e.param))
 
     @torch.no_grad()
     def push_params(self) -> None:
         """Copy the flat ``param`` buffer back into the local shards, in place (what FSDP2 all-gathers)."""
         for e, view in zip(self.entries, self._views(self.param)):
-            _local(e.param).copy_(view)
+            local_shard(e.param).copy_(view)
 
     def _adopt_grad(self, k: int) -> None:
         """Move parameter k's (local) gradient into the buffer; ``.grad`` becomes a (DTensor) view of it."""
@@ -157,7 +149,7 @@ class ShardedFlatGroup(FlatGroup):
         if param.grad is None:
             return
         view = self._grad_views()[k]
-        local = _local(param.grad)
+        local = local_shard(param.grad)
         if local.data_ptr() != view.data_ptr():
             view.copy_(local)
             param.grad = _as_global(view, param)
@@ -258,7 +250,7 @@ class ShardedBlockOptimizer(BlockOptimizer):
             for key, some in per_param[lay.entries[0].name].items():
                 flat[key] = torch.zeros(lay.numel, dtype=some.dtype)
                 for e, view in zip(lay.entries, lay.views(flat[key])):
-                    _copy_checked(view, _local(per_param[e.name][key]), f"{key} of {e.name}")
+                    _copy_checked(view, local_shard(per_param[e.name][key]), f"{key} of {e.name}")
             flat["step"] = torch.tensor([step], dtype=torch.float32)
             flats.append(flat)
         return flats

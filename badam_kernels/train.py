@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from . import __version__
-from . import sharded as sharded_checkpoint  # DCP save/load of a sharded run's optimizer
+from .block_state import local_shard
 from .data import ByteTokenizer, DataError, build_batches
 from .memory import format_bytes, memory_report
 from .ops import BACKEND_NAMES
@@ -287,16 +287,7 @@ def save_weights(model: torch.nn.Module, path: str, full: Optional[Dict[str, tor
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
     """Where a tensor's data lives, to tell tied tensors from equal ones (a DTensor's: its local shard's)."""
-    local = tensor.to_local() if _is_dtensor(tensor) else tensor
-    return local.data_ptr(), tuple(tensor.shape), tensor.dtype
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
+    return local_shard(tensor).data_ptr(), tuple(tensor.shape), tensor.dtype
 
 
 def _full_weights(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -395,7 +386,9 @@ def save_checkpoint(run_dir: str, model, tokenizer, optimizer, scheduler, traine
     if sharded:
         torch.distributed.barrier()  # the folder is fresh before any rank writes into it
         full = _full_weights(model)
-        sharded_checkpoint.save_checkpoint(os.path.join(tmp, "optimizer_dcp"), None, optimizer)  # returns once every rank wrote
+        from .sharded import save_checkpoint as save_sharded
+
+        save_sharded(os.path.join(tmp, "optimizer_dcp"), None, optimizer)  # returns once every rank wrote
     if not main:
         return final
     if hasattr(model, "config"):
@@ -421,8 +414,10 @@ def _load_optimizer(optimizer, ckpt_dir: str, sharded: bool) -> None:
         if sharded:
             from torch.distributed.checkpoint import CheckpointException
 
+            from .sharded import load_checkpoint as load_sharded
+
             errors += (CheckpointException,)
-            sharded_checkpoint.load_checkpoint(os.path.join(ckpt_dir, "optimizer_dcp"), None, optimizer)
+            load_sharded(os.path.join(ckpt_dir, "optimizer_dcp"), None, optimizer)
         else:
             optimizer.load_state_dict(torch.load(os.path.join(ckpt_dir, "optimizer.pt"), weights_only=True))
     except errors as exc:
@@ -688,13 +683,9 @@ def _optimizer_class(shard: bool, world: int):
         from . import BlockOptimizer
 
         return BlockOptimizer, {}
-    return _data_parallel_class(), {"sync_module_states": True}
-
-
-def _data_parallel_class():
     from .distributed import DataParallelBlockOptimizer
 
-    return DataParallelBlockOptimizer
+    return DataParallelBlockOptimizer, {"sync_module_states": True}
 
 
 def _shard_model(model: torch.nn.Module, device: torch.device, world: int) -> None:
