@@ -35,6 +35,7 @@ own class puts around ``forward`` (checkpointing, FSDP); ``remove()`` restores t
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Dict, List, Optional, Union
 
@@ -71,9 +72,12 @@ def _truncating_class(cls: type) -> type:
                 with torch.no_grad():
                     return base_call(self, *args, **kwargs)
             if role == _KEEP:
-                if handle.keep_mode == "matmuls":
-                    return _call_checkpointed_with(self, _checkpoint_saving_matmuls, base_call, *args, **kwargs)
-                return _call_without_checkpointing(self, base_call, *args, **kwargs)
+                # Hugging Face layers checkpoint while ``gradient_checkpointing`` is set, with their
+                # ``_gradient_checkpointing_func``
+                override = (("_gradient_checkpointing_func", _checkpoint_saving_matmuls)
+                            if handle.keep_mode == "matmuls" else ("gradient_checkpointing", False))
+                with _instance_attribute(self, *override):
+                    return base_call(self, *args, **kwargs)
             if role == _LOWEST and _uses_reentrant_checkpointing(self):
                 args = tuple(a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point()
                              and not a.requires_grad else a for a in args)
@@ -84,16 +88,19 @@ def _truncating_class(cls: type) -> type:
     return _truncating_classes[cls]
 
 
-def _call_without_checkpointing(layer: nn.Module, call, *args, **kwargs):
-    """Hugging Face layers checkpoint while their ``gradient_checkpointing`` attribute is set."""
-    checkpointing = getattr(layer, "gradient_checkpointing", False)
-    if not checkpointing:
-        return call(layer, *args, **kwargs)
-    layer.gradient_checkpointing = False
+@contextlib.contextmanager
+def _instance_attribute(obj, name: str, value):
+    """Set ``obj.name`` for the duration, then restore the instance's own value (or its absence)."""
+    missing = object()
+    own = obj.__dict__.get(name, missing)
+    setattr(obj, name, value)
     try:
-        return call(layer, *args, **kwargs)
+        yield
     finally:
-        layer.gradient_checkpointing = checkpointing
+        if own is missing:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, own)
 
 
 def _matmul_ops() -> frozenset:
@@ -113,21 +120,6 @@ def _save_matmuls(ctx, op, *args, **kwargs):
 _checkpoint_saving_matmuls = functools.partial(
     torch.utils.checkpoint.checkpoint, use_reentrant=False,
     context_fn=functools.partial(create_selective_checkpoint_contexts, _save_matmuls))
-
-
-def _call_checkpointed_with(layer: nn.Module, checkpoint_fn, call, *args, **kwargs):
-    """Run a Hugging Face layer with ``checkpoint_fn`` in place of its own checkpointing function."""
-    if not getattr(layer, "gradient_checkpointing", False):
-        return call(layer, *args, **kwargs)
-    own = layer.__dict__.get("_gradient_checkpointing_func")
-    layer._gradient_checkpointing_func = checkpoint_fn
-    try:
-        return call(layer, *args, **kwargs)
-    finally:
-        if own is None:
-            del layer._gradient_checkpointing_func
-        else:
-            layer._gradient_checkpointing_func = own
 
 
 class TruncatedBackward:
