@@ -1,5 +1,8 @@
-"""Find the repeated stack of layers in a model (Hugging Face decoders and any other nn.Module)."""
+"""Find the repeated stack of layers in a model (Hugging Face decoders and any other nn.Module), and
+turn on a Hugging Face model's gradient checkpointing."""
 from __future__ import annotations
+
+from typing import Optional
 
 from torch import nn
 
@@ -27,3 +30,14 @@ def find_layer_stack(model: nn.Module) -> nn.ModuleList:
         raise ValueError(f"{type(model).__name__} has no layer stack this package recognises "
                          "(a ModuleList of at least two layers of one class)")
     return best
+
+
+def enable_gradient_checkpointing(model: nn.Module, use_reentrant: Optional[bool] = None) -> None:
+    """Hugging Face gradient checkpointing under the name the installed transformers has
+    (``activation_checkpointing_enable`` from 5.2x, where the old ``gradient_checkpointing_enable``
+    warns). ``use_reentrant`` None: transformers' default variant."""
+    kwargs = None if use_reentrant is None else {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -45,6 +45,7 @@ from . import __version__
 from .block_state import local_shard
 from .data import ByteTokenizer, DataError, build_batches
 from .memory import format_bytes, memory_report
+from .models import enable_gradient_checkpointing
 from .ops import BACKEND_NAMES
 from .optimizer import STATE_POLICIES
 from .truncate import KEEP_MODES
@@ -517,10 +518,7 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
     if cfg.grad_checkpointing:
         _require(getattr(model, "supports_gradient_checkpointing", False),
                  f"--grad-checkpointing: {type(model).__name__} does not support gradient checkpointing")
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model, use_reentrant=False)
     if cfg.shard:
         _shard_model(model, device, world)
 

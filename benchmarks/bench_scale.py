@@ -110,7 +110,7 @@ from common import command_line, device_record, median, result_path, write_json 
 from badam_kernels.cli import count_or_all  # noqa: E402
 from badam_kernels.distributed import (DataParallelBlockOptimizer, comm_device, init_distributed,  # noqa: E402
                                        is_main_process)
-from badam_kernels.models import find_layer_stack  # noqa: E402
+from badam_kernels.models import enable_gradient_checkpointing, find_layer_stack  # noqa: E402
 from badam_kernels.schedule import SWITCH_MODES  # noqa: E402
 from badam_kernels.sharded import ShardedBlockOptimizer, shard_model  # noqa: E402
 from badam_kernels.truncate import truncate_backward  # noqa: E402
@@ -146,10 +146,7 @@ def build_model(shape: str, seq: int, device: torch.device, seed: int, rank: int
         model = LlamaForCausalLM._from_config(config, dtype=dtype)
     model.train()
     model.config.use_cache = False
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model, use_reentrant=False)
     model.enable_input_require_grads()  # what the HF Trainer does: the embedding output requires grad
     if sharded:
         shard_model(model, mesh=init_device_mesh(device.type, (world,)))

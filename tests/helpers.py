@@ -27,12 +27,10 @@ def lm_loss(model, ids):
 
 
 def enable_checkpointing(model, reentrant: bool):
-    """Hugging Face gradient checkpointing under either name the installed transformers uses."""
-    kwargs = {"use_reentrant": reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    """Hugging Face gradient checkpointing, with the embedding output requiring grad as HF's Trainer has it."""
+    from badam_kernels.models import enable_gradient_checkpointing
+
+    enable_gradient_checkpointing(model, use_reentrant=reentrant)
     model.enable_input_require_grads()  # what HF does for text models: the embedding output requires grad
 
 
