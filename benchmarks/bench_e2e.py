@@ -33,13 +33,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import just_switched, median, result_path, write_json  # noqa: E402
+from common import LLAMA_SHAPES, just_switched, median, result_path, write_json  # noqa: E402
 
 SHAPES = {
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, batch=4, seq=1024),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, batch=2, seq=1024),
+    "1b": dict(LLAMA_SHAPES["1b"], batch=4, seq=1024),
+    "8b": dict(LLAMA_SHAPES["8b"], batch=2, seq=1024),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, batch=2, seq=64),
 }

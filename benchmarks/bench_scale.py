@@ -105,7 +105,7 @@ import torch.distributed as dist
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
-from common import command_line, device_record, median, result_path, write_json  # noqa: E402
+from common import LLAMA_SHAPES, command_line, device_record, median, result_path, write_json  # noqa: E402
 
 from badam_kernels.cli import count_or_all  # noqa: E402
 from badam_kernels.distributed import (DataParallelBlockOptimizer, comm_device, init_distributed,  # noqa: E402
@@ -116,12 +116,7 @@ from badam_kernels.sharded import ShardedBlockOptimizer, shard_model  # noqa: E4
 from badam_kernels.truncate import truncate_backward  # noqa: E402
 
 SHAPES = {
-    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    **LLAMA_SHAPES,
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True),
 }
