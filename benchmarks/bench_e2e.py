@@ -85,14 +85,10 @@ def fused_ce_loss(model, ids, chunk_mem_const: int = 1):
 
     hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
     labels = ids[:, 1:]
-    (loss, *_) = _as_tuple(LigerFusedLinearCrossEntropyFunction.apply(
+    loss, *_ = LigerFusedLinearCrossEntropyFunction.apply(  # (loss, z_loss, accuracy, predictions)
         hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, labels.reshape(-1), None, None, -100, 0.0,
-        0.0, "mean", None, False, None, False, False, False, None, None, chunk_mem_const))
+        0.0, "mean", None, False, None, False, False, False, None, None, chunk_mem_const)
     return loss
-
-
-def _as_tuple(result):
-    return result if isinstance(result, tuple) else (result,)
 
 
 # ----------------------------------------------------------------------------------- the methods
