@@ -326,7 +326,7 @@ class BlockOptimizer(Optimizer):
         Returns False when the step must be skipped. Only this multi-group / fallback path reads
         the norm back to the host.
         """
-        if self.norm_in_kernel and self.fused and len(self.groups) == 1:
+        if self._kernel_takes_the_norm():
             return True
         if self.max_grad_norm is None and not self.skip_nonfinite:
             self.last_grad_norm = None
@@ -341,6 +341,10 @@ class BlockOptimizer(Optimizer):
                 g.grad.mul_(coef.to(g.grad.device, g.grad.dtype))
         return True
 
+    def _kernel_takes_the_norm(self) -> bool:
+        """One fused group: the kernel computes, checks and clips the norm itself (no host read)."""
+        return self.norm_in_kernel and self.fused and len(self.groups) == 1
+
     def _grad_norm(self) -> torch.Tensor:
         """L2 norm of the active block's whole gradient, unscaled: under GradScaler the gradients are
         still scaled here (the fused kernel unscales them), so the norm is divided by the scale."""
@@ -350,7 +354,7 @@ class BlockOptimizer(Optimizer):
         return norm if scale is None else norm / torch.as_tensor(scale, device=norm.device).reshape(())
 
     def _fused_step(self) -> None:
-        one_group = self.norm_in_kernel and len(self.groups) == 1
+        one_group = self._kernel_takes_the_norm()
         defaults = self.defaults
         for group in self.groups:
             norm = ops.adamw_step(
