@@ -374,7 +374,7 @@ def run_full(args, device) -> dict:
     steps = layers * K  # one block epoch, every block K steps (after the first partial block, below)
     rows = []
     methods = args.methods or DEFAULT_METHODS[args.shape]
-    for checkpointing in ([True, False] if args.both_checkpointing else [True]):
+    for checkpointing in {"on": [True], "off": [False], "both": [True, False]}[args.checkpointing]:
         for name in methods:
             # offload is timed over its second epoch, when every block's states come back from the host
             warmup = K - 1 + (steps if "offload" in name else 0)
@@ -464,7 +464,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per quick measurement")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--switch-every", type=int, default=3, help="steps per block in the block epoch")
-    parser.add_argument("--both-checkpointing", action="store_true", help="also run with checkpointing off")
+    parser.add_argument("--checkpointing", choices=["on", "off", "both"], default="on",
+                        help="gradient checkpointing of every method (the epoch run); 'both' gives two tables")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     parser.add_argument("--replot", type=Path, help="redraw the PNG of a result JSON and exit")
     args = parser.parse_args(argv)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-# where results go: benchmarks/results/, or $BENCH_RESULTS_DIR (the smoke tests write to a temporary folder)
 # Llama-architecture shapes the benchmarks share: Llama-3-70B, Llama-3-8B, and a 1.2B with tied embeddings
 LLAMA_SHAPES = {
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
@@ -23,6 +22,7 @@ LLAMA_SHAPES = {
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
 }
 
+# where results go: benchmarks/results/, or $BENCH_RESULTS_DIR (the smoke tests write to a temporary folder)
 RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR", Path(__file__).resolve().parent / "results"))
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install the carried wheels, build the CUDA extension, run the GPU
-# tests and the benchmarks named in $BENCH (default: all), and pack the results into $OUT.
+# tests and the benchmarks named in $BENCH, and pack the results into $OUT.
 #   run(command="bash benchmarks/device_run.sh", carry=[".whl"])
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -33,6 +33,7 @@ for b in $BENCH; do
     scale) python3 -m torch.distributed.run --standalone --nproc-per-node ${SCALE_GPUS:-$(nvidia-smi -L | wc -l)} \
              benchmarks/bench_scale.py ${SCALE_ARGS:-} 2>&1 | grep -v "^Parameters with" | tail -30 ;;
     switch) python3 benchmarks/bench_switch.py 2>&1 | tail -30 ;;
+    profile) python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} 2>&1 | grep -v "^Parameters with\|USDT" | tail -40 ;;
     *) echo "unknown benchmark $b" ;;
   esac
   echo "== $b: $(( $(date +%s) - t0 )) s"

@@ -18,18 +18,32 @@ def run(script, *args, tmp_path):
 @pytest.mark.slow
 def test_bench_e2e_epoch_and_quick_at_a_tiny_shape(tmp_path):
     run("bench_e2e.py", "--shape", "tiny", "--methods", "ours", "badam_official", "--switch-every", "2",
-        tmp_path=tmp_path)
+        "--checkpointing", "both", tmp_path=tmp_path)
     (result,) = tmp_path.glob("e2e_epoch_tiny_*.json")
     payload = json.loads(result.read_text())
-    rows = {r["method"]: r for r in payload["rows"]}
-    assert rows["ours"]["status"] == rows["badam_official"]["status"] == "ok"
-    # the same data and seed: speed must not change the math
-    assert abs(rows["ours"]["loss_last"] - rows["badam_official"]["loss_last"]) < 1e-4
+    rows = {(r["method"], r["checkpointing"]): r for r in payload["rows"]}
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows.values())
+    for checkpointing in (True, False):
+        # the same data and seed: speed must not change the math
+        ours, theirs = rows["ours", checkpointing], rows["badam_official", checkpointing]
+        assert abs(ours["loss_last"] - theirs["loss_last"]) < 1e-4
     assert payload["command"].startswith("benchmarks/bench_e2e.py") and payload["device"]["torch"]
     assert result.with_suffix(".png").is_file()
     run("bench_e2e.py", "--quick", "--shape", "tiny", "--steps", "1", "--warmup", "1", tmp_path=tmp_path)
     (quick,) = tmp_path.glob("e2e_quick_tiny_*.json")
     assert len(json.loads(quick.read_text())["rows"]) == 6
+
+
+@pytest.mark.slow
+def test_profile_step_lists_the_operators_of_each_method(tmp_path):
+    run("profile_step.py", "--shape", "tiny", "--steps", "1", "--warmup", "1", "--top", "5", tmp_path=tmp_path)
+    (result,) = tmp_path.glob("profile_tiny_block0_*.json")
+    payload = json.loads(result.read_text())
+    assert [m["method"] for m in payload["methods"]] == ["ours", "badam_official"]
+    for method in payload["methods"]:
+        assert set(method["phases_ms"]) == {"forward", "backward", "step"}
+        assert "aten::mm" in method["operators_ms"]
+    assert len(payload["largest_gaps"]) == 5
 
 
 def test_gpu_benchmarks_refuse_cleanly_without_cuda(tmp_path):
