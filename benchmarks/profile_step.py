@@ -2,9 +2,11 @@
 
 Each method (as in ``bench_e2e.py``) trains the same model with one block fixed active; after
 warm-up, ``torch.profiler`` records a few steps, and the device time each operator launches itself
-(its kernels, not its children's) is summed per step and per phase (forward, backward, optimizer
-step). The table lists the operators whose time differs most between the first method and the
-others: the place to look when one method is slower than another at the same block.
+(its kernels, not its children's) is summed per step; per phase (forward, backward, optimizer
+step) the GPU span between CUDA events is set against the kernel time inside it, the rest being
+time the GPU waited for the host. The table lists the operators whose time differs most between
+the first method and the others: the place to look when one method is slower than another at the
+same block.
 
     python benchmarks/profile_step.py --shape 1b --block 0 --methods ours badam_official
 
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,47 +34,69 @@ from common import write_json  # noqa: E402
 PHASES = ("forward", "backward", "step")
 
 
-def one_step(model, method, ids) -> None:
+def one_step(model, method, ids, marks: List) -> None:
+    """One training step, its phases named for the profiler and bounded by CUDA events in ``marks``."""
+    def mark():
+        if torch.cuda.is_available():
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+
+    mark()
     with record_function("forward"):
         loss = method.loss_fn(model, ids)
+    mark()
     with record_function("backward"):
         method.run_backward(loss)
+    mark()
     with record_function("step"):
         method.run_step()
+    mark()
 
 
-def _self_time_us(event, cuda: bool) -> float:
-    return event.self_device_time_total if cuda else event.self_cpu_time_total
+def phase_of(event) -> str:
+    """The phase a CPU-side event ran in: its outermost caller's name; backward runs on autograd's
+    own thread, outside the main thread's ``backward`` range, so anything else is backward."""
+    while event.cpu_parent is not None:
+        event = event.cpu_parent
+    return event.name if event.name in PHASES else "backward"
 
 
 def profile_method(shape: str, name: str, block: int, checkpointing: bool, batch: int, seq: int,
                    steps: int, warmup: int) -> dict:
-    """Per-step milliseconds of each operator's own kernels, and of each phase, for one method."""
+    """For one method, per step in milliseconds: each operator's own kernels, and per phase the GPU
+    span (between CUDA events) against the kernel time inside it; the difference is the GPU idle."""
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     model = build_model(shape, checkpointing, device)
     batches = make_batches(shape, batch, seq, device)
     method = METHODS[name](model, 10_000, start_block=block)
     for i in range(warmup):
-        one_step(model, method, batches[i % len(batches)])
+        one_step(model, method, batches[i % len(batches)], [])
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    marks: List = []
     with profile(activities=activities) as prof:
         for i in range(steps):
-            one_step(model, method, batches[i % len(batches)])
+            one_step(model, method, batches[i % len(batches)], marks)
         if cuda:
             torch.cuda.synchronize()
+    host_events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
     operators: Dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
-        if event.key not in PHASES:
-            operators[event.key] += _self_time_us(event, cuda) / 1e3 / steps
-    # the phases' GPU span: the record_function ranges' device totals (their children's kernels)
-    phases = {e.key: (e.device_time_total if cuda else e.cpu_time_total) / 1e3 / steps
-              for e in prof.key_averages() if e.key in PHASES}
+    for event in host_events:
+        if event.name not in PHASES:
+            operators[event.name] += (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3
+    busy: Dict[str, float] = defaultdict(float)
+    for event in host_events:
+        for kernel in event.kernels:
+            busy[phase_of(event)] += kernel.duration / 1e3
+    span: Dict[str, float] = defaultdict(float)
+    for i in range(0, len(marks), 4):  # four marks a step bound its three phases
+        for phase, start, end in zip(PHASES, marks[i:i + 3], marks[i + 1:i + 4]):
+            span[phase] += start.elapsed_time(end)
     del model, method
     gc.collect()
-    return {"method": name, "phases_ms": phases,
-            "operators_ms": {k: v for k, v in operators.items() if v > 0},
-            "total_ms": sum(operators.values())}
+    per_step = lambda table: {k: v / steps for k, v in table.items() if v > 0}  # noqa: E731
+    return {"method": name, "gpu_span_ms": per_step(span), "kernel_ms": per_step(busy),
+            "operators_ms": per_step(operators), "total_kernel_ms": sum(busy.values()) / steps}
 
 
 def profile_isolated(*args) -> dict:
@@ -97,8 +122,9 @@ def print_report(results: List[dict], rows: List[dict]) -> None:
     head = f"{'operator (own kernels, ms per step)':<60}" + "".join(f"{m[:16]:>17}" for m in methods)
     print(head)
     for phase in PHASES:
-        print(f"{'[' + phase + ']':<60}" + "".join(f"{r['phases_ms'].get(phase, 0.0):>17.2f}" for r in results))
-    print(f"{'[all operators]':<60}" + "".join(f"{r['total_ms']:>17.2f}" for r in results))
+        for label, key in (("GPU span", "gpu_span_ms"), ("kernels", "kernel_ms")):
+            print(f"{f'[{phase}: {label}]':<60}" + "".join(f"{r[key].get(phase, 0.0):>17.2f}" for r in results))
+    print(f"{'[all kernels]':<60}" + "".join(f"{r['total_kernel_ms']:>17.2f}" for r in results))
     for row in rows:
         print(f"{row['operator'][:59]:<60}" + "".join(f"{row['ms_per_step'][m]:>17.2f}" for m in methods))
 

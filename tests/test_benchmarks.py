@@ -40,9 +40,8 @@ def test_profile_step_lists_the_operators_of_each_method(tmp_path):
     (result,) = tmp_path.glob("profile_tiny_block0_*.json")
     payload = json.loads(result.read_text())
     assert [m["method"] for m in payload["methods"]] == ["ours", "badam_official"]
-    for method in payload["methods"]:
-        assert set(method["phases_ms"]) == {"forward", "backward", "step"}
-        assert "aten::mm" in method["operators_ms"]
+    for method in payload["methods"]:  # on CPU: host self times, no GPU spans
+        assert method["operators_ms"]["aten::mm"] > 0 and method["gpu_span_ms"] == {}
     assert len(payload["largest_gaps"]) == 5
 
 
