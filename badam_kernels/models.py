@@ -1,5 +1,5 @@
-"""Find the repeated stack of layers in a model (Hugging Face decoders and any other nn.Module), and
-turn on a Hugging Face model's gradient checkpointing."""
+"""Find the repeated stack of layers in a model (Hugging Face decoders and any other nn.Module), turn
+on a Hugging Face model's gradient checkpointing, compile the stack layer by layer."""
 from __future__ import annotations
 
 from typing import Optional
@@ -41,3 +41,27 @@ def enable_gradient_checkpointing(model: nn.Module, use_reentrant: Optional[bool
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def compile_layers(model: nn.Module, layers: Optional[nn.ModuleList] = None, **compile_kwargs) -> nn.ModuleList:
+    """Regional compilation: ``torch.compile`` each layer of the stack, not the whole model.
+
+    In eager mode a small layer leaves the GPU waiting for the host (a 1.2B Llama layer runs about
+    200 operators for about a millisecond of GPU work at 4 x 1024 tokens) and runs norms, rotary embeddings and SiLU as
+    separate memory-bound kernels; compiled, the elementwise work fuses and the launches shrink.
+    The layers share their compiled graphs (parameters are graph inputs), so a stack costs a few
+    compilations whatever its depth: one per role a layer plays under BAdam (below the active block
+    without autograd, the active block, frozen above it, checkpointed or not), each compiled the
+    first time that role occurs. Works under ``truncate_backward`` and Hugging Face gradient
+    checkpointing (either order); ``compile_kwargs`` go to ``torch.compile`` (``mode``,
+    ``backend``, ...). Returns the stack.
+    """
+    import torch
+
+    layers = find_layer_stack(model) if layers is None else layers
+    # a few graphs per layer class (see above); the default limit of 8 is per code object and
+    # would be reached with dynamic shapes or several dtypes; recompiling past it falls back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    for layer in layers:
+        layer.compile(**compile_kwargs)
+    return layers
