@@ -69,7 +69,7 @@ EMBEDDED_DATA_STEPS = 400  # steps on the shipped text; a --data file gets one p
 
 # Options a resumed run may change; every other one is the saved run's.
 RESUME_MAY_CHANGE = ("steps", "out", "resume", "log_every", "save_every", "backend", "progress", "device",
-                     "keep_activations", "keep_mode")
+                     "keep_activations", "keep_mode", "compile")
 
 
 class ConfigError(ValueError):
@@ -100,6 +100,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     keep_activations: Union[int, str] = 0  # top layers from the active block up not checkpointed; "all"
     keep_mode: str = "all"  # what those layers keep: "all" activations or "matmuls" (recompute elementwise ops)
+    compile: bool = False  # torch.compile each layer of the stack (compile_layers)
     shard: bool = False  # FSDP2: model and optimizer states sharded over the processes (else data parallel)
     seed: int = 0
     dtype: Optional[str] = None  # bf16 on a GPU, fp32 on the CPU
@@ -149,6 +150,7 @@ def validate(cfg: TrainConfig) -> None:
              "(without it every layer keeps its activations anyway)")
     _require(cfg.keep_mode in KEEP_MODES, f"--keep-mode must be one of {', '.join(KEEP_MODES)}, got {cfg.keep_mode!r}")
     _require(isinstance(cfg.shard, bool), f"--shard must be true or false, got {cfg.shard!r}")
+    _require(isinstance(cfg.compile, bool), f"--compile must be true or false, got {cfg.compile!r}")
     if cfg.model is not None:
         _require(os.path.exists(cfg.model), f"model not found: {cfg.model} (give a local Hugging Face "
                  "model folder or a .gguf file; nothing is downloaded)")
@@ -462,7 +464,7 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
     ``given``: the option names set explicitly (only matters with ``resume``); ``log``: where the
     text lines go (``print`` by default).
     """
-    from . import find_layer_stack, truncate_backward
+    from . import compile_layers, find_layer_stack, truncate_backward
 
     if config.resume is not None:
         config = _config_for_resume(config, given)
@@ -535,6 +537,8 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
     except (ValueError, TypeError) as exc:
         raise ConfigError(_one_line(exc)) from None
     truncation = truncate_backward(model, keep_activations=cfg.keep_activations, keep_mode=cfg.keep_mode)  # after shard_model: wraps it
+    if cfg.compile:
+        compile_layers(model)  # each new role compiles once, in the first blocks
     warmup = cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)

@@ -318,6 +318,19 @@ def test_keep_activations_is_passed_recorded_and_may_change_on_resume(tmp_path, 
     assert seen == [(2, "all"), ("all", "matmuls")]
 
 
+@pytest.mark.slow
+def test_compile_trains_like_eager_and_is_recorded(tmp_path):
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    common = ("--steps", 4, *TINY)
+    assert run_cli(*common, "--out", eager) == 0
+    assert run_cli(*common, "--compile", "--out", compiled) == 0
+    assert json.loads((compiled / "config.json").read_text())["compile"] is True
+    # inductor reorders fp32 reductions: equal to rounding, not to the bit
+    losses = [[row["loss"] for row in read_jsonl(run / "metrics.jsonl")] for run in (eager, compiled)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert max_rel_diff(weights(eager), weights(compiled)) < 1e-3
+
+
 def _stop_agreement_worker(rank: int, port: int, out_dir: str) -> None:
     import datetime
 

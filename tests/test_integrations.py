@@ -111,6 +111,18 @@ def test_config_passes_keep_activations_to_the_truncation():
     assert handle.keep_activations == 2 and handle.keep_mode == "matmuls"
 
 
+def test_config_compiles_the_layers_once():
+    from badam_kernels import find_layer_stack
+
+    model = tiny_llama()
+    assert find_layer_stack(model)[0]._compiled_call_impl is None
+    make_badam_optimizer(model, BAdamConfig(compile_layers=True), lr=1e-3)
+    compiled = [layer._compiled_call_impl for layer in find_layer_stack(model)]
+    assert all(c is not None for c in compiled)
+    make_badam_optimizer(model, BAdamConfig(compile_layers=True), lr=1e-3)  # a second optimizer, same model
+    assert [layer._compiled_call_impl for layer in find_layer_stack(model)] == compiled
+
+
 def test_activation_checkpointing_keeps_the_truncation(tmp_path):
     model = tiny_llama()
     grad_mode = []

@@ -41,7 +41,7 @@ from typing import List, Optional
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .. import BlockOptimizer, is_truncated, truncate_backward
+from .. import BlockOptimizer, compile_layers, find_layer_stack, is_truncated, truncate_backward
 
 __all__ = ["BAdamConfig", "BAdamTrainer", "FreeBlockGradsCallback", "make_badam_optimizer"]
 
@@ -68,6 +68,7 @@ class BAdamConfig:
     truncate: bool = True  # install truncate_backward on the model
     keep_activations: object = 0  # truncate_backward's: top layers that skip checkpointing (int or "all")
     keep_mode: str = "all"  # truncate_backward's: what those layers keep ("all" or "matmuls")
+    compile_layers: bool = False  # torch.compile each layer of the stack (badam_kernels.compile_layers)
     verbose: int = 0
 
 
@@ -76,7 +77,8 @@ def make_badam_optimizer(model: torch.nn.Module, config: Optional[BAdamConfig] =
     """A ``BlockOptimizer`` over ``torch.optim.AdamW(model.parameters(), **adamw_kwargs)``.
 
     Also installs ``truncate_backward(model, keep_activations=config.keep_activations)`` (once;
-    ``config.truncate=False`` skips it). Build it
+    ``config.truncate=False`` skips it) and, with ``config.compile_layers``, compiles each layer
+    (regional compilation; leave the Trainer's ``torch_compile`` off, it compiles the whole model). Build it
     after the model is on its device and before handing it to a Trainer or ``accelerator.prepare``.
     """
     config = config or BAdamConfig()
@@ -92,6 +94,8 @@ def make_badam_optimizer(model: torch.nn.Module, config: Optional[BAdamConfig] =
         prefetch_steps=config.prefetch_steps, seed=config.seed)
     if config.truncate and not is_truncated(model):
         truncate_backward(model, keep_activations=config.keep_activations, keep_mode=config.keep_mode)
+    if config.compile_layers and find_layer_stack(model)[0]._compiled_call_impl is None:
+        compile_layers(model)
     return optimizer
 
 
