@@ -271,6 +271,17 @@ def test_torchrun_sharded_equals_one_unsharded_process(sharded_runs, tmp_path):
     assert config["shard"] and config["world_size"] == 2 and config["keep_activations"] == 1
 
 
+@pytest.mark.slow
+def test_torchrun_sharded_with_compiled_layers_follows_the_eager_run(sharded_runs, tmp_path):
+    """--compile under FSDP2 (each layer compiled inside its fully_shard wrapper) on 2 ranks."""
+    out, _ = sharded_runs
+    torchrun("--shard", "--compile", "--steps", 4, "--out", tmp_path / "compiled", *SHARDED)
+    eager_rows = read_jsonl(out / "whole" / "metrics.jsonl")
+    compiled_rows = read_jsonl(tmp_path / "compiled" / "metrics.jsonl")
+    assert [r["loss"] for r in compiled_rows] == pytest.approx([r["loss"] for r in eager_rows], rel=1e-4)
+    assert max_rel_diff(weights(out / "whole"), weights(tmp_path / "compiled")) < 1e-3
+
+
 def test_sharded_checkpoint_of_two_ranks_resumes_on_one_process(sharded_runs, tmp_path):
     """Saved on 2 ranks, resumed on 1 (sharded over a mesh of one): ends where the 2-rank run ended."""
     out, _ = sharded_runs

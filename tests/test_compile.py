@@ -41,7 +41,8 @@ def test_compiled_layers_train_exactly_like_eager_ones(checkpointing, keep):
     losses, compiled, _ = run_epoch({"backend": "aot_eager"}, checkpointing=checkpointing, keep=keep)
     assert losses == pytest.approx(eager_losses, rel=1e-6)
     for name in eager:
-        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-6, atol=1e-7,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.slow
