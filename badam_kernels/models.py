@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
 
@@ -47,21 +48,21 @@ def compile_layers(model: nn.Module, layers: Optional[nn.ModuleList] = None, **c
     """Regional compilation: ``torch.compile`` each layer of the stack, not the whole model.
 
     In eager mode a small layer leaves the GPU waiting for the host (a 1.2B Llama layer runs about
-    200 operators for about a millisecond of GPU work at 4 x 1024 tokens) and runs norms, rotary embeddings and SiLU as
-    separate memory-bound kernels; compiled, the elementwise work fuses and the launches shrink.
-    The layers share their compiled graphs (parameters are graph inputs), so a stack costs a few
-    compilations whatever its depth: one per role a layer plays under BAdam (below the active block
-    without autograd, the active block, frozen above it, checkpointed or not), each compiled the
-    first time that role occurs. Works under ``truncate_backward`` and Hugging Face gradient
-    checkpointing (either order); ``compile_kwargs`` go to ``torch.compile`` (``mode``,
-    ``backend``, ...). Returns the stack.
+    200 operators for about a millisecond of GPU work at 4 x 1024 tokens) and runs norms, rotary
+    embeddings and SiLU as separate memory-bound kernels; compiled, the elementwise work fuses and
+    the launches shrink. The layers share their compiled graphs (parameters are graph inputs), so a
+    stack costs a few compilations whatever its depth: one per role a layer plays under BAdam
+    (below the active block without autograd, the active block, frozen above it, checkpointed or
+    not), each compiled the first time that role occurs. Works under ``truncate_backward`` and
+    Hugging Face gradient checkpointing (either order); ``compile_kwargs`` go to ``torch.compile``
+    (``mode``, ``backend``, ...). Layers already compiled are left as they are, so a second call
+    (a second optimizer over the same model) compiles nothing. Returns the stack.
     """
-    import torch
-
     layers = find_layer_stack(model) if layers is None else layers
     # a few graphs per layer class (see above); the default limit of 8 is per code object and
     # would be reached with dynamic shapes or several dtypes; recompiling past it falls back to eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for layer in layers:
-        layer.compile(**compile_kwargs)
+        if layer._compiled_call_impl is None:
+            layer.compile(**compile_kwargs)
     return layers

@@ -41,7 +41,7 @@ from typing import List, Optional
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .. import BlockOptimizer, compile_layers, find_layer_stack, is_truncated, truncate_backward
+from .. import BlockOptimizer, compile_layers, is_truncated, truncate_backward
 
 __all__ = ["BAdamConfig", "BAdamTrainer", "FreeBlockGradsCallback", "make_badam_optimizer"]
 
@@ -94,8 +94,8 @@ def make_badam_optimizer(model: torch.nn.Module, config: Optional[BAdamConfig] =
         prefetch_steps=config.prefetch_steps, seed=config.seed)
     if config.truncate and not is_truncated(model):
         truncate_backward(model, keep_activations=config.keep_activations, keep_mode=config.keep_mode)
-    if config.compile_layers and find_layer_stack(model)[0]._compiled_call_impl is None:
-        compile_layers(model)
+    if config.compile_layers:
+        compile_layers(model)  # once: layers already compiled are left as they are
     return optimizer
 
 
