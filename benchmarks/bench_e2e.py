@@ -23,7 +23,6 @@ import argparse
 import concurrent.futures
 import functools
 import gc
-import multiprocessing
 import sys
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LLAMA_SHAPES, just_switched, median, result_path, write_json  # noqa: E402
+from common import LLAMA_SHAPES, in_fresh_process, just_switched, median, result_path, write_json  # noqa: E402
 
 SHAPES = {
     "1b": dict(LLAMA_SHAPES["1b"], batch=4, seq=1024),
@@ -348,13 +347,11 @@ def measure(shape: str, name: str, checkpointing: bool, batch: int, seq: int, st
 
 def measure_isolated(*args, **kwargs) -> dict:
     """``measure`` in a fresh process: no method's leftovers (or leaks) raise the next one's peak."""
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        try:
-            return pool.submit(measure, *args, **kwargs).result()
-        except concurrent.futures.process.BrokenProcessPool:
-            return dict(shape=args[0], method=args[1], batch=args[3], status="crashed",
-                        start_block=kwargs.get("start_block"))
+    try:
+        return in_fresh_process(measure, *args, **kwargs)
+    except concurrent.futures.process.BrokenProcessPool:
+        return dict(shape=args[0], method=args[1], batch=args[3], status="crashed",
+                    start_block=kwargs.get("start_block"))
 
 
 def print_table(rows: List[dict], keys: List[str]) -> None:

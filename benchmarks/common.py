@@ -1,9 +1,11 @@
 """What every benchmark shares: the device record, timing, and writing JSON + PNG to results/."""
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as _dt
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import platform
 import shlex
@@ -60,6 +62,14 @@ def write_json(stem: str, payload: dict) -> Path:
             "command": command_line(), **payload}
     path.write_text(json.dumps(full, indent=1, default=str))
     return path
+
+
+def in_fresh_process(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a freshly spawned process: no earlier measurement's allocator
+    cache, compiled graphs or leaks touch this one. Raises ``BrokenProcessPool`` if it crashes."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
 
 
 def just_switched(opt) -> bool:

@@ -15,9 +15,7 @@ Without CUDA the times are CPU self times (a smoke test of the script, not a mea
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import gc
-import multiprocessing
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -29,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import METHODS, SHAPES, build_model, make_batches  # noqa: E402
-from common import write_json  # noqa: E402
+from common import in_fresh_process, write_json  # noqa: E402
 
 PHASES = ("forward", "backward", "step")
 
@@ -79,15 +77,15 @@ def profile_method(shape: str, name: str, block: int, checkpointing: bool, batch
             one_step(model, method, batches[i % len(batches)], marks)
         if cuda:
             torch.cuda.synchronize()
-    host_events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
     operators: Dict[str, float] = defaultdict(float)
-    for event in host_events:
+    busy: Dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type != DeviceType.CPU:
+            continue  # kernels are counted through the host operators that launched them
         if event.name not in PHASES:
             operators[event.name] += (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3
-    busy: Dict[str, float] = defaultdict(float)
-    for event in host_events:
-        for kernel in event.kernels:
-            busy[phase_of(event)] += kernel.duration / 1e3
+        if event.kernels:
+            busy[phase_of(event)] += sum(kernel.duration for kernel in event.kernels) / 1e3
     span: Dict[str, float] = defaultdict(float)
     for i in range(0, len(marks), 4):  # four marks a step bound its three phases
         for phase, start, end in zip(PHASES, marks[i:i + 3], marks[i + 1:i + 4]):
@@ -97,13 +95,6 @@ def profile_method(shape: str, name: str, block: int, checkpointing: bool, batch
     per_step = lambda table: {k: v / steps for k, v in table.items() if v > 0}  # noqa: E731
     return {"method": name, "gpu_span_ms": per_step(span), "kernel_ms": per_step(busy),
             "operators_ms": per_step(operators), "total_kernel_ms": sum(busy.values()) / steps}
-
-
-def profile_isolated(*args) -> dict:
-    """``profile_method`` in a fresh process, so that one method's cache or state cannot touch the next."""
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(profile_method, *args).result()
 
 
 def differences(results: List[dict], top: int) -> List[dict]:
@@ -144,7 +135,7 @@ parser.add_argument("--top", type=int, default=25, help="operators listed")
 def main(argv=None) -> int:
     args = parser.parse_args(argv)
     batch, seq = args.batch or SHAPES[args.shape]["batch"], args.seq or SHAPES[args.shape]["seq"]
-    results = [profile_isolated(args.shape, name, args.block, not args.no_checkpointing, batch, seq, args.steps,
+    results = [in_fresh_process(profile_method, args.shape, name, args.block, not args.no_checkpointing, batch, seq, args.steps,
                                 args.warmup) for name in args.methods]
     rows = differences(results, args.top)
     print_report(results, rows)
