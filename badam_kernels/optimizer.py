@@ -78,7 +78,17 @@ class BlockOptimizer(Optimizer):
         skip_nonfinite: skip a step whose gradients hold NaN/Inf (the weights stay as they were).
         prefetch_steps: with ``offload``, start bringing the next block's states back this many
             steps before the switch.
-        seed: seed of the random block order (default: drawn from torch's global RNG).
+        seed: seed of the random block order (default: drawn from torch's global RNG in ``random``
+            mode, the one draw the original makes too; the other modes leave the global RNG alone).
+
+    Frozen parameters: a parameter with ``requires_grad=False`` when the optimizer is built (the base
+    model under peft/LoRA, a layer frozen by hand) is never trained, whichever block is active, and a
+    block left with nothing to train is skipped, as badam 1.4 skips blocks without LoRA parameters.
+    Parameters that an earlier ``BlockOptimizer`` froze because their block was inactive are not
+    frozen by the user: a second optimizer over the same model trains every block.
+
+    Hyperparameters are read from ``param_groups[0]`` at every step (lr, betas, eps, weight decay),
+    so schedulers and edits by hand take effect as with any torch optimizer.
     """
 
     group_class = FlatGroup  # builds the active block's flat groups (sharded.py: ShardedFlatGroup)
@@ -124,8 +134,11 @@ class BlockOptimizer(Optimizer):
             block_prefix_list = infer_block_prefixes(names, include_embedding, include_lm_head)
         self.block_prefix_list = block_prefix_list
         self.active_modules = list(active_modules or [])
-        self.partition: Partition = build_partition(names, block_prefix_list, self.active_modules)
-        self.schedule = BlockSchedule(self.partition.num_blocks, switch_mode, start_block, seed)
+        # parameters the user froze (a peft base model, a hand-frozen layer) are never trained
+        self.user_frozen = frozenset(i for i, (_, p) in enumerate(self.named_parameters_list) if not _trainable(p))
+        self.partition: Partition = build_partition(names, block_prefix_list, self.active_modules, self.user_frozen)
+        self.schedule = BlockSchedule(self.partition.num_blocks, switch_mode, start_block, seed,
+                                      skip=self.partition.blocks_without_parameters())
 
         self.base_optimizer = base_optimizer
         self.switch_mode = switch_mode
@@ -139,7 +152,6 @@ class BlockOptimizer(Optimizer):
         self.master_weights, self.state_dtype = master_weights, state_dtype
         self.max_grad_norm, self.skip_nonfinite = max_grad_norm, skip_nonfinite
         self.prefetch_steps = prefetch_steps
-        self.weight_decay = base_optimizer.param_groups[0].get("weight_decay", 0.0)
         self.global_step = 0
         self.switched = False
         self.last_grad_norm: Optional[torch.Tensor] = None
@@ -170,6 +182,15 @@ class BlockOptimizer(Optimizer):
     def active_param_names(self) -> List[str]:
         return [self.named_parameters_list[i][0] for i in self.partition.active_indices(self.active_block)]
 
+    def hyperparameters(self) -> dict:
+        """The update's hyperparameters as they stand now: ``param_groups[0]`` without its parameters.
+
+        Read at every step, as a torch optimizer reads its groups, so that schedulers of lr, betas
+        (``OneCycleLR``'s momentum cycling) or weight decay, and edits by hand, take effect. Group 0,
+        as in the original: the active block's biases and norms get no weight decay whatever it says.
+        """
+        return {k: v for k, v in self.param_groups[0].items() if k != "params"}
+
     @property
     def current_block_idx(self) -> int:
         """badam 1.4 compatibility: there this holds the block that the next switch activates."""
@@ -190,16 +211,18 @@ class BlockOptimizer(Optimizer):
             entries[(param.dtype, param.device)].append(Entry(i, name, param, decays(name, param)))
         return list(entries.values())
 
+    def _state_specs(self, block: int) -> List[Dict[str, Tuple[Tuple[int, ...], torch.dtype]]]:
+        """Shape and dtype of each state tensor of the block's flat groups, as ``state_tensors`` has them."""
+        return [state_specs(entries[0].param.dtype, self._flat_numel(entries), keep_master=self.master_weights,
+                            with_moments=self.fused, state_dtype=self.state_dtype)
+                for entries in self._block_entries(block)]
+
     def _reserve_host_buffers(self) -> None:
         """``offload`` on CUDA: pin every block's host buffers up front (pinning is slow; a switch must not wait)."""
         for block in range(self.num_blocks):
-            for gi, group_entries in enumerate(self._block_entries(block)):
-                if group_entries[0].param.device.type != "cuda":
-                    continue
-                numel = self._flat_numel(group_entries)
-                self.park.reserve((block, gi), state_specs(group_entries[0].param.dtype, numel,
-                                                           keep_master=self.master_weights, with_moments=self.fused,
-                                                           state_dtype=self.state_dtype))
+            for gi, (entries, specs) in enumerate(zip(self._block_entries(block), self._state_specs(block))):
+                if entries[0].param.device.type == "cuda":
+                    self.park.reserve((block, gi), specs)
 
     def _flat_numel(self, entries: List[Entry]) -> int:
         """Length of the flat buffers of one group (padding included)."""
@@ -209,9 +232,8 @@ class BlockOptimizer(Optimizer):
         """Make ``block`` trainable: freeze the rest, flatten its parameters, set up its states."""
         active = set(self.partition.active_indices(block))
         for i, (_, param) in enumerate(self.named_parameters_list):
-            param.requires_grad_(i in active)
-            if i not in active:
-                param.grad = None
+            if i not in self.user_frozen:
+                _set_trainable(param, i in active)
         self.groups = [self.group_class(group_entries, keep_master=self.master_weights, with_moments=self.fused,
                                         state_dtype=self.state_dtype) for group_entries in self._block_entries(block)]
         if self.fused:  # a forced backend that cannot run here fails now, with its reason
@@ -256,17 +278,25 @@ class BlockOptimizer(Optimizer):
         for group in self.groups:
             for entry, hp in zip(group.entries, group.master_views()):
                 (decay if entry.decay else no_decay).append(hp)
-        groups = [{**self.defaults, "params": decay, "weight_decay": self.weight_decay},
-                  {**self.defaults, "params": no_decay, "weight_decay": 0.0}]
-        self.base_optimizer.param_groups = [g for g in groups if g["params"]]
+        groups = [({**self.hyperparameters(), "params": decay}, True),
+                  ({**self.hyperparameters(), "params": no_decay}, False)]
+        self.base_optimizer.param_groups = [g for g, _ in groups if g["params"]]
+        self._base_group_decays = [decays for g, decays in groups if g["params"]]
+        self._sync_base_hyperparameters()
         self.base_optimizer.state = defaultdict(dict)
         if base_state is not None:
             self.base_optimizer.load_state_dict(base_state)
 
+    def _sync_base_hyperparameters(self) -> None:
+        """The base optimizer's groups take today's hyperparameters; biases and norms no weight decay."""
+        now = self.hyperparameters()
+        for group, decays in zip(self.base_optimizer.param_groups, self._base_group_decays):
+            group.update(now)
+            if not decays:
+                group["weight_decay"] = 0.0
+
     def _base_optimizer_step(self) -> None:
-        lr = self.param_groups[0]["lr"]
-        for g in self.base_optimizer.param_groups:
-            g["lr"] = lr
+        self._sync_base_hyperparameters()
         for group in self.groups:
             if group.master is not None:
                 for hp, entry in zip(group.master_views(), group.entries):
@@ -355,12 +385,12 @@ class BlockOptimizer(Optimizer):
 
     def _fused_step(self) -> None:
         one_group = self._kernel_takes_the_norm()
-        defaults = self.defaults
+        hp = self.hyperparameters()
         for group in self.groups:
             norm = ops.adamw_step(
                 group.param, group.grad, group.master, group.exp_avg, group.exp_avg_sq, group.step,
-                lr=self.param_groups[0]["lr"], betas=defaults["betas"], eps=defaults["eps"],
-                weight_decay=self.weight_decay, decay_numel=group.decay_numel,
+                lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
+                weight_decay=hp.get("weight_decay", 0.0), decay_numel=group.decay_numel,
                 grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
                 max_grad_norm=self.max_grad_norm if one_group else None,
                 check_finite=self.skip_nonfinite and one_group,
@@ -391,7 +421,23 @@ class BlockOptimizer(Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Resume from ``state_dict()``; the model's weights are restored separately (model.load_state_dict)."""
+        """Resume from ``state_dict()``; the model's weights are restored separately (model.load_state_dict).
+
+        All or nothing: the whole checkpoint is checked against this optimizer first, and a refused
+        one (another model, another shape, another state layout) leaves the optimizer as it was.
+        """
+        self._check_loadable(state_dict)
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update(saved)
+        self._deactivate(park=False)  # the checkpoint's states replace ours
+        self.global_step = int(state_dict["global_step"])
+        self.schedule.load_state_dict(state_dict["schedule"])
+        self.park.load_state_dict(state_dict["parked"])
+        self._parked_base = dict(state_dict.get("parked_base", {}))
+        self._activate(self.schedule.active, saved=state_dict)
+
+    def _check_loadable(self, state_dict: dict) -> None:
+        """Raise ValueError, naming what differs, unless ``load_state_dict`` can take ``state_dict`` whole."""
         if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_DICT_FORMAT:
             raise ValueError("not a badam_kernels.BlockOptimizer state dict")
         names = [n for n, _ in self.named_parameters_list]
@@ -402,22 +448,40 @@ class BlockOptimizer(Optimizer):
             raise ValueError(f"checkpoint is from another model: parameter names differ ({diff})")
         if len(state_dict["param_groups"]) != len(self.param_groups):
             raise ValueError("checkpoint has a different number of parameter groups")
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            group.update(saved)
-        self._deactivate(park=False)  # the checkpoint's states replace ours
-        self.global_step = int(state_dict["global_step"])
-        self.schedule.load_state_dict(state_dict["schedule"])
-        self.park.load_state_dict(state_dict["parked"])
-        self._parked_base = dict(state_dict.get("parked_base", {}))
-        self._activate(self.schedule.active, saved=state_dict)
+        schedule = state_dict["schedule"]
+        if schedule["num_blocks"] != self.num_blocks or not 0 <= int(schedule["active"]) < self.num_blocks:
+            raise ValueError(f"checkpoint has {schedule['num_blocks']} blocks, this optimizer has {self.num_blocks}")
+        saved_blocks = [(int(schedule["active"]), "the active block", state_dict["active_states"])]
+        by_block: Dict[int, list] = defaultdict(list)
+        for (block, gi), states in sorted(state_dict["parked"].items()):
+            by_block[int(block)].append(states)
+        saved_blocks += [(block, f"parked block {block}", groups) for block, groups in by_block.items()]
+        for block, what, groups in saved_blocks:
+            _check_states_fit(groups, self._state_specs(block), what)
+        base = state_dict.get("active_base_state")
+        if base is not None:
+            saved_count = sum(len(g["params"]) for g in base["param_groups"])
+            count = len(self.partition.active_indices(int(schedule["active"])))
+            if saved_count != count:
+                raise ValueError(f"checkpoint's base optimizer holds {saved_count} parameters, the active block has {count}")
 
     def _load_block_states(self, saved: dict) -> None:
-        states = saved["active_states"]
-        if len(states) != len(self.groups):
-            raise ValueError(f"checkpoint holds {len(states)} state groups, the active block has {len(self.groups)}")
-        for group, group_states in zip(self.groups, states):
+        for group, group_states in zip(self.groups, saved["active_states"]):
             group.load_states(group_states)
         self._restore_base_state(saved.get("active_base_state"))
+
+
+def _check_states_fit(saved: List[Dict[str, torch.Tensor]], specs: List[dict], what: str) -> None:
+    """The saved flat states of a block have the keys and shapes this optimizer's buffers have."""
+    if len(saved) != len(specs):
+        raise ValueError(f"checkpoint holds {len(saved)} state groups for {what}, this model has {len(specs)}")
+    for states, spec in zip(saved, specs):
+        if set(states) != set(spec):
+            raise ValueError(f"checkpoint's states of {what} hold {sorted(states)}, this optimizer needs {sorted(spec)}")
+        for key, (shape, _dtype) in spec.items():
+            if tuple(states[key].shape) != tuple(shape):
+                raise ValueError(f"checkpoint's {key} of {what} has shape {tuple(states[key].shape)}, this model "
+                                 f"needs {tuple(shape)} (another model size?)")
 
 
 def _to_cpu(obj):
@@ -428,6 +492,24 @@ def _to_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+# Set on the parameters a BlockOptimizer froze because their block is inactive: a second optimizer
+# built over the same model must still train them, unlike parameters the user froze.
+_FROZEN_BY_BLOCK_OPTIMIZER = "_badam_kernels_inactive"
+
+
+def _trainable(param: torch.Tensor) -> bool:
+    """Whether the user lets ``param`` train: it requires grad, or only a BlockOptimizer froze it."""
+    return param.requires_grad or getattr(param, _FROZEN_BY_BLOCK_OPTIMIZER, False)
+
+
+def _set_trainable(param: torch.Tensor, active: bool) -> None:
+    """Unfreeze ``param`` for its block's turn, or freeze it (dropping its gradient) until the next."""
+    param.requires_grad_(active)
+    setattr(param, _FROZEN_BY_BLOCK_OPTIMIZER, not active)
+    if not active:
+        param.grad = None
 
 
 def _checked_named_parameters(named_parameters_list) -> List[Tuple[str, torch.nn.Parameter]]:

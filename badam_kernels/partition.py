@@ -10,24 +10,32 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 _EMBED_PATTERN = re.compile(r".*embed[^.]*\.")
 _LAYER_PATTERN = re.compile(r".*layers.[^.]*\.")
+_NUMBERED = re.compile(r"(?:^|\.)(\d+)\.")  # a ModuleList child: "<stack>.<i>."
 
 
 def infer_block_prefixes(param_names: Sequence[str], include_embedding: bool = False,
                          include_lm_head: bool = False) -> List[List[str]]:
-    """One block per layer, in the order the layers appear, like the original's ``infer_param_groups``."""
+    """One block per layer, in the order the layers appear, like the original's ``infer_param_groups``.
+
+    Layers are found by the original's pattern (``...layers.<i>.``: Llama, Qwen, OPT, GPT-NeoX, Phi-3,
+    Gemma ...); where it matches nothing, by the names a layer stack gets in any ``nn.ModuleList``
+    (``<stack>.<i>.``, e.g. GPT-2's ``transformer.h.<i>.``): the stack with the most parameter names,
+    as ``find_layer_stack`` picks the one with the most parameters.
+    """
+    layer_pattern = _LAYER_PATTERN if any(_LAYER_PATTERN.match(n) for n in param_names) else _module_list_pattern(param_names)
     blocks: List[List[str]] = []
     others: List[str] = []
     for name in param_names:
         if any(block[0] in name for block in blocks):
             continue
-        if _LAYER_PATTERN.findall(name):
-            blocks.append(_LAYER_PATTERN.findall(name))
+        if layer_pattern is not None and layer_pattern.findall(name):
+            blocks.append(layer_pattern.findall(name))
         elif include_embedding and _EMBED_PATTERN.findall(name):
             blocks.append(_EMBED_PATTERN.findall(name))
         else:
@@ -37,8 +45,20 @@ def infer_block_prefixes(param_names: Sequence[str], include_embedding: bool = F
     return blocks
 
 
-def in_prefixes(name: str, prefixes: Sequence[str]) -> bool:
-    return any(prefix in name for prefix in prefixes)
+def _module_list_pattern(param_names: Sequence[str]) -> Optional["re.Pattern"]:
+    """A pattern matching ``<stack>.<i>.`` for the ModuleList whose children hold the most parameter
+    names (at least two children), or None where no name has a numbered component."""
+    stacks: Dict[str, Tuple[set, int]] = {}
+    for name in param_names:
+        for match in _NUMBERED.finditer(name):
+            stack = name[:match.start(1)]
+            children, count = stacks.get(stack, (set(), 0))
+            stacks[stack] = (children | {match.group(1)}, count + 1)
+    candidates = [(count, stack) for stack, (children, count) in stacks.items() if len(children) >= 2]
+    if not candidates:
+        return None
+    _, stack = max(candidates)
+    return re.compile("^" + re.escape(stack) + r"\d+\.")
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
@@ -49,7 +69,11 @@ def decays(name: str, param: torch.Tensor) -> bool:
 
 @dataclass(frozen=True)
 class Partition:
-    """Which parameters (by index into the named-parameter list) each block trains."""
+    """Which parameters (by index into the named-parameter list) each block trains.
+
+    Parameters the user froze are in no block's ``members``: they match their block's prefixes but
+    are never trained; a block left with nothing to train is skipped by the schedule.
+    """
 
     prefixes: Tuple[Tuple[str, ...], ...]
     members: Tuple[Tuple[int, ...], ...]
@@ -61,13 +85,19 @@ class Partition:
 
     def active_indices(self, block: int) -> Tuple[int, ...]:
         """Indices of the parameters trained while ``block`` is active (its own and the always-active ones)."""
-        extra = [i for i in self.always_active if i not in self.members[block]]
-        return tuple(sorted(set(self.members[block]) | set(extra)))
+        return tuple(sorted(set(self.members[block]) | set(self.always_active)))
+
+    def blocks_without_parameters(self) -> Tuple[int, ...]:
+        """Blocks with nothing to train (every parameter they match was frozen by the user)."""
+        return tuple(b for b in range(self.num_blocks) if not self.active_indices(b))
 
 
 def build_partition(names: Sequence[str], block_prefix_list: Sequence[Sequence[str]],
-                    active_modules: Sequence[str] = ()) -> Partition:
-    """Resolve prefixes to parameters; reject prefixes that match nothing and parameters in two blocks."""
+                    active_modules: Sequence[str] = (), frozen: Collection[int] = ()) -> Partition:
+    """Resolve prefixes to parameters; reject prefixes that match nothing and parameters in two blocks.
+
+    ``frozen``: indices of parameters the user froze; they count as matched but are trained by no block.
+    """
     if not isinstance(block_prefix_list, (list, tuple)) or not block_prefix_list:
         raise ValueError("block_prefix_list must be a non-empty list of lists of name prefixes "
                          "(no layer stack was recognised in the parameter names)")
@@ -78,19 +108,22 @@ def build_partition(names: Sequence[str], block_prefix_list: Sequence[Sequence[s
             raise ValueError(f"block {b} must be a list of prefixes, got the string {prefixes!r}")
         block = []
         for prefix in prefixes:
-            matched = [i for i, n in enumerate(names) if prefix in n]
-            if not matched:
-                raise ValueError(f"block prefix {prefix!r} (block {b}) matches no parameter name")
+            matched = _matching(names, prefix, f"block prefix {prefix!r} (block {b})")
             for i in matched:
                 if owner.get(i, b) != b:
                     raise ValueError(f"parameter {names[i]!r} is in two blocks: {owner[i]} and {b}")
                 owner[i] = b
                 block.append(i)
-        members.append(tuple(sorted(set(block))))
+        members.append(tuple(sorted(set(block) - set(frozen))))
     always = []
     for prefix in active_modules:
-        matched = [i for i, n in enumerate(names) if prefix in n]
-        if not matched:
-            raise ValueError(f"active module prefix {prefix!r} matches no parameter name")
-        always.extend(matched)
-    return Partition(tuple(tuple(p) for p in block_prefix_list), tuple(members), tuple(sorted(set(always))))
+        always.extend(_matching(names, prefix, f"active module prefix {prefix!r}"))
+    return Partition(tuple(tuple(p) for p in block_prefix_list), tuple(members),
+                     tuple(sorted(set(always) - set(frozen))))
+
+
+def _matching(names: Sequence[str], prefix: str, what: str) -> List[int]:
+    matched = [i for i, n in enumerate(names) if prefix in n]
+    if not matched:
+        raise ValueError(f"{what} matches no parameter name")
+    return matched
