@@ -203,13 +203,30 @@ def info() -> int:
         device = torch.device("cpu")
     print("backends:")
     for name, status in ops.backend_report().items():
-        print(f"  {name}: {status}")
+        print(f"  {name}: {_backend_status(name, status, device)}")
     try:
         chosen = ops.resolve_backend(None, device).__name__.rsplit(".", 1)[-1]
     except Exception as exc:  # e.g. a bad BADAM_KERNELS_BACKEND
         chosen = f"none ({exc})"
     print(f"auto on {device.type}: {chosen}")
     return 0
+
+
+def _backend_status(name: str, status: str, device) -> str:
+    """What ``--backend NAME`` does on ``device``: a backend that loads may still be refused there."""
+    from . import ops
+
+    if status != "available":
+        return status
+    interpreter = name == "triton" and device.type == "cpu"  # Triton runs CPU tensors only interpreted
+    try:
+        ops.resolve_backend(name, device)
+    except (RuntimeError, ValueError):
+        hint = (": Triton runs CPU tensors only through its interpreter, set TRITON_INTERPRET=1 for that "
+                "(slow, a testing aid)") if interpreter else ""
+        return f"installed, but --backend {name} is refused on {device.type}{hint}"
+    return "available through Triton's interpreter only (TRITON_INTERPRET=1: slow, a testing aid)" \
+        if interpreter else "available"
 
 
 def _error(message: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from typing import Dict, List
 
 
@@ -48,7 +49,7 @@ def plot_loss(records: List[Dict], path: str, title: str = "badam-finetune") -> 
                         xytext=(2, -2), textcoords="offset points", va="top", fontsize=7, color="tab:gray")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(title + ("  (numbers: active block)" if switches else ""), fontsize=10)
+    _fit_title(ax, title + ("  (numbers: active block)" if switches else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", bbox_to_anchor=(1.0, 0.94), fontsize=8)
     fig.tight_layout()
@@ -56,3 +57,15 @@ def plot_loss(records: List[Dict], path: str, title: str = "badam-finetune") -> 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _fit_title(ax, title: str, fontsize: float) -> None:
+    """Set ``title``, wrapped into lines that fit the figure: a long model path would be cut at both sides."""
+    renderer = ax.figure.canvas.get_renderer()
+    room = 0.9 * ax.figure.bbox.width  # the title centres on the axes, which sit right of the figure's centre
+    chars = len(title)
+    while True:
+        width = ax.set_title("\n".join(textwrap.wrap(title, chars)), fontsize=fontsize).get_window_extent(renderer).width
+        if width <= room or chars <= 20:
+            return
+        chars = max(20, min(chars - 1, int(chars * room / width)))  # glyph widths vary: measure again

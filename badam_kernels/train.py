@@ -27,6 +27,7 @@ shards into, so that it resumes on any number of processes.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -55,6 +56,7 @@ from .schedule import SWITCH_MODES
 BACKENDS = ("auto",) + BACKEND_NAMES
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEVICES = ("auto", "cpu", "cuda")
+RUNS_DIR = "runs"  # where a run folder goes without --out
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "trainer_state.pt")
 SHARDED_CHECKPOINT_FILES = ("model.safetensors", "optimizer_dcp/.metadata", "trainer_state.pt")
@@ -66,6 +68,12 @@ EMBEDDED_DEFAULTS = dict(batch_size=16, seq_len=128, lr=2e-3, switch_every=20, i
 PRETRAINED_DEFAULTS = dict(batch_size=8, seq_len=512, lr=1e-5, switch_every=50, include_embedding=False,
                            include_lm_head=False, active_modules=[])
 EMBEDDED_DATA_STEPS = 400  # steps on the shipped text; a --data file gets one pass by default
+DEFAULT_SOURCES = dict(model="the embedded tiny Llama", data="the shipped Shakespeare excerpt")  # what None means
+
+# Model config settings that only training wants: the KV cache serves generate(), not a training step.
+# A checkpoint's config.json keeps the values the model came with, so the fine-tuned model generates at
+# full speed when loaded with from_pretrained.
+TRAINING_CONFIG = dict(use_cache=False)
 
 # Options a resumed run may change; every other one is the saved run's.
 RESUME_MAY_CHANGE = ("steps", "out", "resume", "log_every", "save_every", "backend", "progress", "device",
@@ -125,6 +133,8 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         _require(value is None or (isinstance(value, int) and value > 0),
                  f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    _require(cfg.seq_len is None or cfg.seq_len >= 2, f"--seq-len must be at least 2, got {cfg.seq_len}: each "
+             "token is trained to predict the next one, so a sequence of 1 token has no target")
     for name in ("warmup_steps", "save_every", "seed"):
         value = getattr(cfg, name)
         _require(isinstance(value, int) and value >= 0,
@@ -182,7 +192,6 @@ def _config_for_resume(cfg: TrainConfig, given: Optional[set]) -> TrainConfig:
     """
     run_dir = cfg.resume
     _require(os.path.isdir(run_dir), f"--resume {run_dir}: no such run folder")
-    ckpt = os.path.join(run_dir, "checkpoint")
     _require(os.path.isfile(os.path.join(run_dir, "config.json")), f"--resume {run_dir}: no config.json, not a run folder")
     try:
         with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
@@ -190,9 +199,7 @@ def _config_for_resume(cfg: TrainConfig, given: Optional[set]) -> TrainConfig:
         saved_cfg = TrainConfig(**{k: v for k, v in saved.items() if k in _field_names()})
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"--resume {run_dir}: unreadable config.json ({exc})") from None
-    for name in SHARDED_CHECKPOINT_FILES if saved_cfg.shard else CHECKPOINT_FILES:
-        _require(os.path.isfile(os.path.join(ckpt, name)),
-                 f"--resume {run_dir}: no checkpoint/{name}, the run has no complete checkpoint")
+    _checkpoint_dir(run_dir, saved_cfg.shard)  # there is one to resume from
     if given is None:
         default = TrainConfig()
         given = {f for f in _field_names() if getattr(cfg, f) != getattr(default, f)}
@@ -201,12 +208,31 @@ def _config_for_resume(cfg: TrainConfig, given: Optional[set]) -> TrainConfig:
         if name in ("model", "data") and mine is not None:
             mine = os.path.abspath(mine)
         _require(mine == theirs, f"--{name.replace('_', '-')} cannot change on --resume "
-                 f"(the run used {theirs!r}, got {mine!r})")
+                 f"(the run used {_shown(name, theirs)}, got {_shown(name, mine)})")
     changes = {name: getattr(cfg, name) for name in RESUME_MAY_CHANGE if name in given}
     changes["resume"] = run_dir
     changes.setdefault("steps", None)  # not given: run up to the step the saved run was heading to
     changes.setdefault("out", None)  # not given: write into the resumed folder (wherever it is now)
     return dataclasses.replace(saved_cfg, **changes)
+
+
+def _shown(name: str, value: Any) -> str:
+    """An option's value in a message: what ``None`` stands for where it means the job's default."""
+    if value is None and name in DEFAULT_SOURCES:
+        return DEFAULT_SOURCES[name]
+    return repr(value)
+
+
+def _checkpoint_dir(run_dir: str, sharded: bool) -> str:
+    """The run's complete checkpoint: ``checkpoint/``, or ``checkpoint.old/`` when a save was killed
+    between its two renames (``save_checkpoint`` keeps one of them complete at every moment)."""
+    files = SHARDED_CHECKPOINT_FILES if sharded else CHECKPOINT_FILES
+    for folder in ("checkpoint", "checkpoint.old"):
+        path = os.path.join(run_dir, folder)
+        if all(os.path.isfile(os.path.join(path, f)) for f in files):
+            return path
+    lacking = next(f for f in files if not os.path.isfile(os.path.join(run_dir, "checkpoint", f)))
+    raise ConfigError(f"--resume {run_dir}: no checkpoint/{lacking}, the run has no complete checkpoint")
 
 
 def _field_names() -> List[str]:
@@ -230,7 +256,7 @@ def default_model_config():
                        num_attention_heads=4, num_key_value_heads=4, head_dim=48,
                        max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
                        tie_word_embeddings=False, bos_token_id=None, eos_token_id=0, pad_token_id=None,
-                       attention_dropout=0.0, use_cache=False)
+                       attention_dropout=0.0)  # use_cache left on: the checkpoint is for generate()
 
 
 def load_model(cfg: TrainConfig, dtype: torch.dtype):
@@ -265,6 +291,16 @@ def load_model(cfg: TrainConfig, dtype: torch.dtype):
              f"model's embedding only {vocab}" + ("" if not isinstance(tokenizer, ByteTokenizer)
                                                    else " (no tokenizer files: bytes are used as tokens)"))
     return model, tokenizer, f"{type(model).__name__} from {path}"
+
+
+def _warn_past_positions(model, seq_len: int) -> None:
+    """A --seq-len beyond the positions the model was trained on runs (rotary positions extrapolate),
+    but it is rarely what the user meant: say so, once, on stderr."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        print(f"badam-finetune: warning: --seq-len {seq_len} exceeds the model's max_position_embeddings "
+              f"{limit}: positions past {limit} are untrained (learned position embeddings would fail)",
+              file=sys.stderr)
 
 
 def save_weights(model: torch.nn.Module, path: str, full: Optional[Dict[str, torch.Tensor]] = None) -> None:
@@ -326,20 +362,35 @@ def _one_line(exc: BaseException, limit: int = 400) -> str:
 # ------------------------------------------------------------------------------------ run folder
 
 def _check_out(cfg: TrainConfig) -> None:
-    """Refuse, before any work, to write into a folder that holds another run (nothing is overwritten)."""
+    """Refuse, before any work (the model may take minutes to load), a run folder that cannot be
+    written or that holds another run (nothing is overwritten)."""
     out = cfg.out
-    if out is None or not os.path.exists(out):
+    if out is None:  # runs/<timestamp>/, or on resume the resumed folder
+        _check_writable(cfg.resume or RUNS_DIR, f"--resume {cfg.resume}" if cfg.resume
+                        else f"the default run folder {RUNS_DIR}/ (give --out)")
+        return
+    _require(out.strip() != "", "--out is empty: give the folder to write the run into")
+    _check_writable(out, f"--out {out}")
+    if not os.path.exists(out):
         return
     if cfg.resume is not None and os.path.abspath(out) == os.path.abspath(cfg.resume):
         return
-    _require(os.path.isdir(out), f"--out {out}: exists and is not a folder")
     _require(not os.path.exists(os.path.join(out, "metrics.jsonl")),
              f"--out {out} already holds a run; continue it with --resume {out} or choose another --out")
 
 
+def _check_writable(folder: str, option: str) -> None:
+    """``folder`` is a folder we may write in, or can be made: its nearest existing ancestor is one."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    _require(os.path.isdir(path), f"{option}: {path} is not a folder")
+    _require(os.access(path, os.W_OK | os.X_OK), f"{option}: {path} is not writable")
+
+
 def _new_run_dir(out: Optional[str]) -> str:
     if out is None:
-        base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        base = os.path.join(RUNS_DIR, time.strftime("%Y%m%d-%H%M%S"))
         out, n = base, 1
         while os.path.exists(out):
             n += 1
@@ -372,12 +423,31 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _use_training_config(model) -> Dict[str, Any]:
+    """Set ``TRAINING_CONFIG`` on the model's config; returns the values it had (for the checkpoint)."""
+    config = getattr(model, "config", None)
+    as_loaded = {k: getattr(config, k) for k in TRAINING_CONFIG if hasattr(config, k)}
+    for name in as_loaded:
+        setattr(config, name, TRAINING_CONFIG[name])
+    return as_loaded
+
+
+def _save_config(model, folder: str, as_loaded: Dict[str, Any]) -> None:
+    """The model's config.json with the settings it came with (``_use_training_config``'s return)."""
+    config = copy.deepcopy(model.config)  # the training run keeps its own settings
+    for name, value in as_loaded.items():
+        setattr(config, name, value)
+    config.save_pretrained(folder)
+
+
 def save_checkpoint(run_dir: str, model, tokenizer, optimizer, scheduler, trainer_state: dict,
-                    sharded: bool = False) -> str:
+                    sharded: bool = False, config_as_loaded: Optional[Dict[str, Any]] = None) -> str:
     """Write ``run_dir/checkpoint`` whole or not at all (written aside, then renamed into place).
 
     Called by rank 0 alone; ``sharded`` (a ``ShardedBlockOptimizer``): by every rank, which gather the
     full weights to rank 0 and each write their shards of the optimizer states to ``optimizer_dcp/``.
+    ``config_as_loaded``: config settings to save instead of the training ones (``_use_training_config``).
+    At every moment ``checkpoint/``, or else ``checkpoint.old/``, is complete (``_checkpoint_dir``).
     """
     final = os.path.join(run_dir, "checkpoint")
     tmp, old = final + ".tmp", final + ".old"
@@ -395,15 +465,15 @@ def save_checkpoint(run_dir: str, model, tokenizer, optimizer, scheduler, traine
     if not main:
         return final
     if hasattr(model, "config"):
-        model.config.save_pretrained(tmp)
+        _save_config(model, tmp, config_as_loaded or {})
     save_weights(model, os.path.join(tmp, "model.safetensors"), full)
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(tmp)
     if not sharded:
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save({**trainer_state, "scheduler": scheduler.state_dict()}, os.path.join(tmp, "trainer_state.pt"))
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(final):
+    if os.path.exists(final):  # else old may be the only complete checkpoint (a save cut short): keep it
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
@@ -493,9 +563,11 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
     except ValueError as exc:
         raise ConfigError(f"--model {cfg.model or '(embedded)'}: {_one_line(exc)}") from None
     _require(len(stack) > 0, f"--model {cfg.model}: the layer stack is empty, there is nothing to train")
+    if main:
+        _warn_past_positions(model, cfg.seq_len)
     batches = build_batches(cfg.data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed)
 
-    ckpt_dir = os.path.join(cfg.resume, "checkpoint") if cfg.resume else None
+    ckpt_dir = _checkpoint_dir(cfg.resume, cfg.shard) if cfg.resume else None
     if ckpt_dir:
         load_weights(model, os.path.join(ckpt_dir, "model.safetensors"))
         trainer_state = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), weights_only=True)
@@ -515,8 +587,7 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
 
     model.to(device)
     model.train()
-    if hasattr(model, "config"):
-        model.config.use_cache = False
+    config_as_loaded = _use_training_config(model)
     if cfg.grad_checkpointing:
         _require(getattr(model, "supports_gradient_checkpointing", False),
                  f"--grad-checkpointing: {type(model).__name__} does not support gradient checkpointing")
@@ -559,6 +630,8 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
         + (", sharded (FSDP2)" if cfg.shard else ""))
     log(f"data: {cfg.data or 'the shipped Shakespeare excerpt'}: {batches.num_examples} examples, "
         f"batch {cfg.batch_size} x {cfg.seq_len} tokens; steps {start} -> {target}; run folder {run_dir}")
+    if ckpt_dir and os.path.basename(ckpt_dir) == "checkpoint.old":
+        log(f"resuming from {ckpt_dir}: the last checkpoint save was cut short")
 
     from tqdm.auto import tqdm
 
@@ -580,9 +653,14 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
                 "epoch": step * cfg.batch_size // batches.num_examples, "elapsed_s": elapsed,
                 "tokens_seen": tokens_seen, "rng": _rng_state(device), "version": __version__}
 
+    def save() -> str:
+        return save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, state_now(), cfg.shard,
+                               config_as_loaded)
+
     writes = main or cfg.shard  # the ranks that take part in a checkpoint (sharded: all of them)
     run_start = time.perf_counter()
-    with _StopFlag() as stop, open(metrics_path, "a", encoding="utf-8") as metrics:
+    # line-buffered: each step's line reaches the disk at once (a step may take seconds on a real model)
+    with _StopFlag() as stop, open(metrics_path, "a", encoding="utf-8", buffering=1) as metrics:
         stopping = False
         while step < target and not stopping:
             t0 = time.perf_counter()
@@ -615,19 +693,17 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
                                 f"block {block}/{optimizer.num_blocks}, peak {peak:,.0f} MiB", refresh=False)
             bar.update(1)
             if step % cfg.log_every == 0 or step == target:
-                metrics.flush()
                 say(f"step {step}/{target}  loss {loss:.4f}  lr {lr:.3g}  block {block}  "
                     f"{record['tokens_per_s']:,.0f} tok/s  peak {peak:,.0f} MiB")
             if writes and cfg.save_every and step % cfg.save_every == 0 and step < target:
-                metrics.flush()
-                save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, state_now(), cfg.shard)
+                save()
     bar.close()
     wall = time.perf_counter() - run_start
     held = memory_report(optimizer, model)
     truncation.remove()
     ckpt = None
     if writes:
-        ckpt = save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, state_now(), cfg.shard)
+        ckpt = save()
     if not main:
         return {"rank": rank, "step": step, "interrupted": step < target, "last_loss": losses[-1] if losses else None}
     records = read_metrics(metrics_path)

@@ -129,6 +129,129 @@ def test_loss_is_on_response_tokens_only():
     assert labels[:len(ids) - 3] == [IGNORE_INDEX] * (len(ids) - 3)
 
 
+def test_checkpoint_config_keeps_the_models_use_cache(tmp_path):
+    """Training runs without the KV cache; the saved model must generate with it, as it came."""
+    from transformers import AutoConfig
+
+    model = tiny_llama_folder(tmp_path / "model")
+    run = tmp_path / "run"
+    assert run_cli("--model", model, "--steps", 1, "--out", run, *TINY) == 0
+    as_loaded = AutoConfig.from_pretrained(model).use_cache
+    assert AutoConfig.from_pretrained(run / "checkpoint").use_cache == as_loaded
+
+
+def test_seq_len_beyond_the_models_positions_warns_once(tmp_path, capsys):
+    model = tiny_llama_folder(tmp_path / "model")  # max_position_embeddings 128
+    data = _write(tmp_path / "tempest.txt", TEXT)
+    assert run_cli("--model", model, "--data", data, "--seq-len", 160, "--batch-size", 2, "--steps", 2,
+                   "--log-every", 1, "--out", tmp_path / "run", "--no-progress") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "max_position_embeddings" in line]
+    assert len(warnings) == 1, warnings
+    assert "--seq-len 160" in warnings[0] and "128" in warnings[0]
+
+
+@pytest.mark.parametrize("out", ["", "notes.txt/run"])
+def test_unusable_out_is_refused_before_the_model_loads(out, tmp_path, monkeypatch, capsys):
+    from badam_kernels import train as train_module
+
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "notes.txt", "x")
+    monkeypatch.setattr(train_module, "load_model", lambda *a: pytest.fail("the model loaded before --out was checked"))
+    capsys.readouterr()
+    assert run_cli("--out", out, "--steps", 1, "--no-progress") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("badam-finetune: error: --out"), lines
+
+
+def test_metrics_reach_the_disk_every_step(tmp_path, monkeypatch):
+    """Each step's line is on disk before the next step starts, whatever --log-every (100 in TINY)."""
+    from badam_kernels.data import TextBatches
+
+    run = tmp_path / "run"
+    on_disk = []
+    original = TextBatches.batch
+
+    def batch(self, step):  # called at the start of each step
+        on_disk.append(len(read_jsonl(run / "metrics.jsonl")))
+        return original(self, step)
+
+    monkeypatch.setattr(TextBatches, "batch", batch)
+    assert run_cli("--steps", 3, "--out", run, *TINY) == 0
+    assert on_disk == [0, 1, 2]
+    assert_run_folder(run, 3)  # and the plot is drawn from it as before
+
+
+def test_info_says_triton_runs_on_the_cpu_only_through_its_interpreter(tmp_path, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("about a machine without CUDA")
+    pytest.importorskip("triton")
+    from badam_kernels import ops
+
+    ops.load_backend("triton")  # imported under conftest's TRITON_INTERPRET=1: it can interpret
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert run_cli("--backend", "triton", "--steps", 1, "--no-progress") == 2  # refused on this machine
+    capsys.readouterr()
+    assert run_cli("info") == 0
+    triton_line = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("triton:")]
+    assert len(triton_line) == 1 and "refused" in triton_line[0] and "TRITON_INTERPRET=1" in triton_line[0]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert run_cli("info") == 0
+    triton_line = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("triton:")]
+    assert "interpreter" in triton_line[0] and "refused" not in triton_line[0]
+
+
+def test_loss_plot_title_fits_a_long_model_path(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from badam_kernels.plots import plot_loss
+
+    drawn = []  # (title as drawn, its box, the figure's box) when the figure is saved
+    savefig = matplotlib.figure.Figure.savefig
+
+    def measured(fig, *args, **kwargs):
+        savefig(fig, *args, **kwargs)
+        title = fig.axes[0].title
+        drawn.append((title.get_text(), title.get_window_extent(fig.canvas.get_renderer()), fig.bbox))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", measured)
+    path = "/home/someone/models/" + "/".join(["checkpoints-of-a-long-fine-tuning-campaign"] * 4)
+    title = f"badam-finetune: LlamaForCausalLM from {path}, switch every 50 steps"
+    records = [{"step": s, "loss": 5.0 - s / 10, "active_block": s // 4} for s in range(1, 12)]
+    plot_loss(records, str(tmp_path / "loss.png"), title=title)
+    text, box, figure = drawn[0]
+    assert 0 <= box.x0 and box.x1 <= figure.x1 and box.y1 <= figure.y1, (box, figure)
+    assert "".join(title.split()) in "".join(text.split())  # wrapped, not cut
+
+
+def test_resume_finds_checkpoint_old_after_a_kill_between_the_renames(tmp_path, monkeypatch):
+    import shutil
+
+    run = tmp_path / "run"
+    assert run_cli("--steps", 1, "--out", run, *TINY) == 0
+    shutil.copytree(run / "checkpoint", tmp_path / "step1")
+    assert run_cli("--resume", run, "--steps", 1, "--no-progress") == 0
+    step2 = weights(run)
+    # as a save of step 2 leaves it when killed between its two renames: the step-1 checkpoint moved
+    # aside to checkpoint.old, step 2 complete in checkpoint.tmp, no checkpoint/
+    os.replace(run / "checkpoint", run / "checkpoint.tmp")
+    os.replace(tmp_path / "step1", run / "checkpoint.old")
+
+    def killed(src, dst, replace=os.replace):  # this time the kill lands after the first rename
+        if str(src).endswith("checkpoint.tmp"):
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    assert run_cli("--resume", run, "--steps", 1, "--no-progress") == 130
+    monkeypatch.undo()
+    assert (run / "checkpoint.old" / "model.safetensors").is_file()  # never a moment without a checkpoint
+    assert run_cli("--resume", run, "--steps", 1, "--no-progress") == 0
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    assert max_rel_diff(step2, weights(run)) == 0.0  # resumed from step 1 exactly
+    assert not (run / "checkpoint.old").exists() and not (run / "checkpoint.tmp").exists()
+
+
 def _write(path, text):
     path.write_text(text)
     return path
@@ -171,6 +294,12 @@ BAD_INPUTS = {  # case: (arguments given the test's tmp folder, what the error l
     "negative keep-activations": (lambda d: ["--keep-activations", "-1"], "or 'all', got '-1'"),
     "keep-activations without checkpointing": (lambda d: ["--keep-activations", "2"],
                                                "--keep-activations only applies with --grad-checkpointing"),
+    "seq-len of one token leaves no target": (lambda d: ["--seq-len", "1"], "--seq-len must be at least 2"),
+    "out below a file": (lambda d: ["--out", _write(d / "notes.txt", "x") / "run"], "notes.txt is not a folder"),
+    "empty out": (lambda d: ["--out", ""], "--out is empty"),
+    "resume the embedded model with another": (lambda d: ["--resume", _saved_run(d / "run"),
+                                                           "--model", tiny_llama_folder(d / "model")],
+                                               "the run used the embedded tiny Llama"),
 }
 
 
@@ -182,7 +311,7 @@ def test_bad_input_gives_one_error_line(case, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # should a case not fail, its run folder lands here
     code = run_cli(*args, *([] if "--steps" in args else ["--steps", "1"]), "--no-progress")
     err = capsys.readouterr().err
-    assert code != 0
+    assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("badam-finetune: error:"), err
     assert expected in lines[0] and "Traceback" not in err
