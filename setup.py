@@ -71,11 +71,16 @@ setup(
     version="0.1.0",
     description="Fast, small full-parameter fine-tuning by block coordinate descent with Adam (BAdam)",
     packages=find_packages(include=["badam_kernels", "badam_kernels.*"]),
-    package_data={"badam_kernels": ["data/*.txt", "data/*.jsonl"]},
+    package_data={"badam_kernels.finetune": ["assets/*.txt", "assets/*.jsonl"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "transformers>=4.46", "safetensors", "tqdm", "matplotlib", "numpy"],
-    extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "badam==1.4"]},
-    entry_points={"console_scripts": ["badam-finetune=badam_kernels.cli:main"]},
+    install_requires=["torch>=2.4"],  # the optimizer, the truncation and the kernels' dispatch need torch alone
+    extras_require={
+        "triton": ["triton>=3.0"],
+        # the main job (badam-finetune) and the Hugging Face integration
+        "finetune": ["transformers>=4.46", "safetensors", "tqdm", "matplotlib", "numpy"],
+        "test": ["pytest", "badam==1.4", "peft"],
+    },
+    entry_points={"console_scripts": ["badam-finetune=badam_kernels.finetune.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

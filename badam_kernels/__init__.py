@@ -8,10 +8,12 @@ Public API:
 * :func:`find_layer_stack`: the repeated layer stack of a model (Hugging Face decoders and others);
 * ``badam_kernels.ops``: the fused state operations behind one dispatch (reference, Triton, CUDA).
 """
-from .models import compile_layers, find_layer_stack
+from . import _moved
+from .layers import compile_layers, find_layer_stack
 from .optimizer import BlockOptimizer
 from .truncate import TruncatedBackward, is_truncated, truncate_backward
 
 __version__ = "0.1.0"
+_moved.install()  # the old module names (badam_kernels.sharded, .distributed, ...) keep importing
 __all__ = ["BlockOptimizer", "truncate_backward", "TruncatedBackward", "is_truncated", "find_layer_stack", "compile_layers",
            "__version__"]

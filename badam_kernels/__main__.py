@@ -1,4 +1,4 @@
 """``python -m badam_kernels``: the ``badam-finetune`` command line."""
-from .cli import main
+from .finetune.cli import main
 
 raise SystemExit(main())

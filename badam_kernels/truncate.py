@@ -47,7 +47,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from .models import find_layer_stack
+from .layers import find_layer_stack
 
 _BELOW, _LOWEST, _PLAIN, _KEEP = "below", "lowest", "plain", "keep"
 KEEP_MODES = ("all", "matmuls")

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from badam_kernels import truncate_backward
-from badam_kernels.distributed import DataParallelBlockOptimizer, init_distributed, is_main_process
+from badam_kernels.parallel.data_parallel import DataParallelBlockOptimizer, init_distributed, is_main_process
 
 
 def parse_args():

@@ -16,9 +16,9 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from badam_kernels import truncate_backward
-from badam_kernels.distributed import init_distributed, is_main_process
+from badam_kernels.parallel.data_parallel import init_distributed, is_main_process
 from badam_kernels.memory import format_bytes, memory_report
-from badam_kernels.sharded import ShardedBlockOptimizer, load_checkpoint, save_checkpoint, shard_model
+from badam_kernels.parallel.fsdp import ShardedBlockOptimizer, load_checkpoint, save_checkpoint, shard_model
 
 
 def parse_args():

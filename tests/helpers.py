@@ -28,7 +28,7 @@ def lm_loss(model, ids):
 
 def enable_checkpointing(model, reentrant: bool):
     """Hugging Face gradient checkpointing, with the embedding output requiring grad as HF's Trainer has it."""
-    from badam_kernels.models import enable_gradient_checkpointing
+    from badam_kernels.layers import enable_gradient_checkpointing
 
     enable_gradient_checkpointing(model, use_reentrant=reentrant)
     model.enable_input_require_grads()  # what HF does for text models: the embedding output requires grad

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from badam_kernels import cli
-from badam_kernels.data import IGNORE_INDEX, ByteTokenizer, encode_pair
+from badam_kernels.finetune import cli
+from badam_kernels.finetune.data import IGNORE_INDEX, ByteTokenizer, encode_pair
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--seq-len", "32", "--batch-size", "4", "--switch-every", "2", "--no-progress", "--log-every", "100"]
@@ -152,7 +152,7 @@ def test_seq_len_beyond_the_models_positions_warns_once(tmp_path, capsys):
 
 @pytest.mark.parametrize("out", ["", "notes.txt/run"])
 def test_unusable_out_is_refused_before_the_model_loads(out, tmp_path, monkeypatch, capsys):
-    from badam_kernels import train as train_module
+    from badam_kernels.finetune import loop as train_module
 
     monkeypatch.chdir(tmp_path)
     _write(tmp_path / "notes.txt", "x")
@@ -165,7 +165,7 @@ def test_unusable_out_is_refused_before_the_model_loads(out, tmp_path, monkeypat
 
 def test_metrics_reach_the_disk_every_step(tmp_path, monkeypatch):
     """Each step's line is on disk before the next step starts, whatever --log-every (100 in TINY)."""
-    from badam_kernels.data import TextBatches
+    from badam_kernels.finetune.data import TextBatches
 
     run = tmp_path / "run"
     on_disk = []
@@ -204,7 +204,7 @@ def test_info_says_triton_runs_on_the_cpu_only_through_its_interpreter(tmp_path,
 def test_loss_plot_title_fits_a_long_model_path(tmp_path, monkeypatch):
     import matplotlib.figure
 
-    from badam_kernels.plots import plot_loss
+    from badam_kernels.finetune.plots import plot_loss
 
     drawn = []  # (title as drawn, its box, the figure's box) when the figure is saved
     savefig = matplotlib.figure.Figure.savefig
@@ -476,7 +476,7 @@ def _stop_agreement_worker(rank: int, port: int, out_dir: str) -> None:
 
     import torch.distributed as dist
 
-    from badam_kernels.train import _agree_over_ranks
+    from badam_kernels.finetune.loop import _agree_over_ranks
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from badam_kernels import BlockOptimizer
-from badam_kernels.distributed import DataParallelBlockOptimizer
+from badam_kernels.parallel.data_parallel import DataParallelBlockOptimizer
 from helpers import free_port, batches, lm_loss, max_rel_diff, snapshot, tiny_llama
 
 WORLD, STEPS, EVERY, BATCH = 2, 12, 3, 4

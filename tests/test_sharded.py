@@ -20,8 +20,8 @@ from torch.distributed.tensor import DTensor
 
 from badam_kernels import BlockOptimizer
 from badam_kernels.memory import memory_report
-from badam_kernels.models import find_layer_stack
-from badam_kernels.sharded import ShardedBlockOptimizer, load_checkpoint, save_checkpoint, shard_model
+from badam_kernels.layers import find_layer_stack
+from badam_kernels.parallel.fsdp import ShardedBlockOptimizer, load_checkpoint, save_checkpoint, shard_model
 from badam_kernels.truncate import truncate_backward
 from helpers import free_port, batches, enable_checkpointing, lm_loss, max_rel_diff, snapshot, tiny_llama
 

@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from badam_kernels import BlockOptimizer
-from badam_kernels.sharded import ShardedBlockOptimizer, load_checkpoint, save_checkpoint, shard_model
+from badam_kernels.parallel.fsdp import ShardedBlockOptimizer, load_checkpoint, save_checkpoint, shard_model
 from helpers import free_port, max_rel_diff, snapshot, tiny_llama, train
 
 pytestmark = pytest.mark.gpu

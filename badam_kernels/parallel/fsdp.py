@@ -34,10 +34,10 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from .block_state import Entry, FlatGroup, layout, local_shard, state_specs
-from .distributed import agreed_seed, comm_device
-from .models import find_layer_stack
-from .optimizer import STATE_DICT_FORMAT, BlockOptimizer, _fused_adamw_eligible
+from ..block_state import Entry, FlatGroup, layout, local_shard, state_specs
+from .data_parallel import agreed_seed, comm_device
+from ..layers import find_layer_stack
+from ..optimizer import STATE_DICT_FORMAT, BlockOptimizer, _fused_adamw_eligible
 
 __all__ = ["ShardedBlockOptimizer", "ShardedFlatGroup", "load_checkpoint", "save_checkpoint", "shard_model"]
 

@@ -42,16 +42,16 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from . import __version__
-from .block_state import local_shard
+from .. import __version__
+from ..block_state import local_shard
 from .data import ByteTokenizer, DataError, build_batches
-from .memory import format_bytes, memory_report
-from .models import enable_gradient_checkpointing
-from .ops import BACKEND_NAMES
-from .optimizer import STATE_POLICIES
-from .truncate import KEEP_MODES
+from ..memory import format_bytes, memory_report
+from ..layers import enable_gradient_checkpointing
+from ..ops import BACKEND_NAMES
+from ..optimizer import STATE_POLICIES
+from ..truncate import KEEP_MODES
 from .plots import plot_loss, read_metrics
-from .schedule import SWITCH_MODES
+from ..schedule import SWITCH_MODES
 
 BACKENDS = ("auto",) + BACKEND_NAMES
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -459,7 +459,7 @@ def save_checkpoint(run_dir: str, model, tokenizer, optimizer, scheduler, traine
     if sharded:
         torch.distributed.barrier()  # the folder is fresh before any rank writes into it
         full = _full_weights(model)
-        from .sharded import save_checkpoint as save_sharded
+        from ..parallel.fsdp import save_checkpoint as save_sharded
 
         save_sharded(os.path.join(tmp, "optimizer_dcp"), None, optimizer)  # returns once every rank wrote
     if not main:
@@ -487,7 +487,7 @@ def _load_optimizer(optimizer, ckpt_dir: str, sharded: bool) -> None:
         if sharded:
             from torch.distributed.checkpoint import CheckpointException
 
-            from .sharded import load_checkpoint as load_sharded
+            from ..parallel.fsdp import load_checkpoint as load_sharded
 
             errors += (CheckpointException,)
             load_sharded(os.path.join(ckpt_dir, "optimizer_dcp"), None, optimizer)
@@ -534,7 +534,7 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
     ``given``: the option names set explicitly (only matters with ``resume``); ``log``: where the
     text lines go (``print`` by default).
     """
-    from . import compile_layers, find_layer_stack, truncate_backward
+    from .. import compile_layers, find_layer_stack, truncate_backward
 
     if config.resume is not None:
         config = _config_for_resume(config, given)
@@ -550,7 +550,7 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
     dtype = DTYPES[dtype_name]
     backend = None if cfg.backend == "auto" else cfg.backend
     if backend is not None:
-        from . import ops
+        from .. import ops
 
         try:
             ops.resolve_backend(backend, device)
@@ -743,7 +743,7 @@ def _processes(cfg: TrainConfig):
         return 0, 1, device
     _require(torch.distributed.is_available(), "--shard and torchrun need torch.distributed, which this "
              "torch build lacks")
-    from .distributed import init_distributed
+    from ..parallel.data_parallel import init_distributed
 
     rank, world, device = init_distributed("gloo" if device.type == "cpu" else None)
     _require(cfg.batch_size % world == 0,
@@ -754,14 +754,14 @@ def _processes(cfg: TrainConfig):
 def _optimizer_class(shard: bool, world: int):
     """(class, extra arguments) of the job's optimizer: sharded (FSDP2), data parallel or one process."""
     if shard:
-        from .sharded import ShardedBlockOptimizer
+        from ..parallel.fsdp import ShardedBlockOptimizer
 
         return ShardedBlockOptimizer, {}
     if world == 1:
-        from . import BlockOptimizer
+        from .. import BlockOptimizer
 
         return BlockOptimizer, {}
-    from .distributed import DataParallelBlockOptimizer
+    from ..parallel.data_parallel import DataParallelBlockOptimizer
 
     return DataParallelBlockOptimizer, {"sync_module_states": True}
 
@@ -774,7 +774,7 @@ def _shard_model(model: torch.nn.Module, device: torch.device, world: int) -> No
     """
     from torch.distributed.device_mesh import init_device_mesh
 
-    from .sharded import shard_model
+    from ..parallel.fsdp import shard_model
 
     shard_model(model, mesh=init_device_mesh(device.type, (world,)))
 

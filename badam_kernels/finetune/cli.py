@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional, Union
 
 from .data import DataError
-from .train import ConfigError
+from .loop import ConfigError
 
 PROG = "badam-finetune"
 DEBUG_ENV = "BADAM_KERNELS_DEBUG"
@@ -87,7 +87,7 @@ def _prefix_list(text: str) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import BACKENDS, DEVICES, DTYPES, KEEP_MODES, STATE_POLICIES, SWITCH_MODES
+    from .loop import BACKENDS, DEVICES, DTYPES, KEEP_MODES, STATE_POLICIES, SWITCH_MODES
 
     p = _Parser(
         prog=PROG,
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -185,7 +185,7 @@ def info() -> int:
 
     import torch
 
-    from . import ops
+    from .. import ops
 
     print(f"badam-kernels {_version()}")
     print(f"python {platform.python_version()} ({platform.machine()}, {os.cpu_count()} CPUs)")
@@ -214,7 +214,7 @@ def info() -> int:
 
 def _backend_status(name: str, status: str, device) -> str:
     """What ``--backend NAME`` does on ``device``: a backend that loads may still be refused there."""
-    from . import ops
+    from .. import ops
 
     if status != "available":
         return status
@@ -248,7 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         except SystemExit as exc:  # --help / --version
             return int(exc.code or 0)
         given = vars(args)
-        from .train import TrainConfig, train
+        from .loop import TrainConfig, train
 
         _quiet_libraries()
         summary = train(TrainConfig(**given), given=set(given))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 IGNORE_INDEX = -100  # label of a token that carries no loss (prompt, padding)
-DEFAULT_TEXT = "shakespeare.txt"  # in badam_kernels/data/; its first line is a header naming the source
+DEFAULT_TEXT = "shakespeare.txt"  # in badam_kernels/finetune/assets/; its first line is a header naming the source
 PAIR_KEYS = (("instruction", "response"), ("prompt", "completion"))
 PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 
@@ -79,7 +79,7 @@ def load_text(path: str) -> str:
 
 def load_default_text() -> str:
     """The Shakespeare excerpt shipped with the package, without its header line."""
-    text = resources.files("badam_kernels").joinpath("data", DEFAULT_TEXT).read_text(encoding="utf-8")
+    text = resources.files("badam_kernels.finetune").joinpath("assets", DEFAULT_TEXT).read_text(encoding="utf-8")
     return text.split("\n", 1)[1]
 
 
@@ -289,7 +289,7 @@ def build_batches(path: Optional[str], tokenizer, seq_len: int, batch_size: int,
     """The batches of a data file (``.jsonl``: pairs; anything else: plain text), or of the shipped text."""
     if path is None:
         return TextBatches(encode_text(tokenizer, load_default_text()), seq_len, batch_size, seed,
-                           source=f"badam_kernels/data/{DEFAULT_TEXT}")
+                           source=f"badam_kernels/finetune/assets/{DEFAULT_TEXT}")
     if path.lower().endswith(".jsonl"):
         return PairBatches(load_jsonl(path), tokenizer, seq_len, batch_size, seed, source=path)
     return TextBatches(encode_text(tokenizer, load_text(path)), seq_len, batch_size, seed, source=path)

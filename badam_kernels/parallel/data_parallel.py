@@ -28,7 +28,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .optimizer import BlockOptimizer
+from ..optimizer import BlockOptimizer
 
 __all__ = ["DataParallelBlockOptimizer", "agreed_seed", "comm_device", "init_distributed", "is_main_process"]
 
