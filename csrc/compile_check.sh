@@ -4,15 +4,20 @@
 # prints the op schemas and traces them with fake tensors, and (unless --no-jit) compiles the same
 # sources through the JIT path of badam_kernels/_build.py.
 #
-#   csrc/compile_check.sh [--no-jit] [PYTHON]      PYTHON: default /work/cuda-venv/bin/python
+#   csrc/compile_check.sh [--no-jit] [PYTHON]
 #
-# The CUDA torch venv (5.5 GB, from local disk):
-#   python3 -m venv /work/cuda-venv && /work/cuda-venv/bin/pip install torch==2.14.1 numpy setuptools wheel ninja
+# PYTHON (the argument, else $PYTHON, else python3 on PATH) must have a CUDA build of torch, e.g. a venv
+# made with (5.5 GB):
+#   python3 -m venv VENV && VENV/bin/pip install torch==2.14.1 numpy setuptools wheel ninja
 set -euo pipefail
 
 jit=1
 if [[ "${1:-}" == "--no-jit" ]]; then jit=0; shift; fi
-python="${1:-/work/cuda-venv/bin/python}"
+python="${1:-${PYTHON:-python3}}"
+if ! "$python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)' 2>/dev/null; then
+  echo "$python has no CUDA build of torch: pass the python of one (see the top of $0)" >&2
+  exit 2
+fi
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"

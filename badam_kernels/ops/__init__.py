@@ -1,6 +1,6 @@
 """Backend dispatch for the block-state operations.
 
-One interface, several backends (see ``interface.py`` for the contract):
+One interface, several backends, each a module that satisfies ``interface.Backend``:
 
 * ``reference``: plain torch, any device, the ground truth;
 * ``triton``: Triton kernels (CUDA tensors; CPU tensors too under ``TRITON_INTERPRET=1``);
@@ -13,22 +13,21 @@ from __future__ import annotations
 
 import importlib
 import os
-from types import ModuleType
-from typing import Dict, Optional
+from typing import Dict, Optional, cast
 
 import torch
 
-from .interface import AdamWStepArgs, pack_adamw_args  # noqa: F401  (re-exported)
+from .interface import AdamWStepArgs, Backend, pack_adamw_args  # noqa: F401  (re-exported)
 
 BACKEND_NAMES = ("triton", "cuda", "reference")  # auto: the first that runs (fastest on H200)
 _MODULES = {"reference": ".reference", "triton": ".triton_adamw", "cuda": ".cuda"}
 ENV_VAR = "BADAM_KERNELS_BACKEND"
-_loaded: Dict[str, Optional[ModuleType]] = {}
+_loaded: Dict[str, Optional[Backend]] = {}
 _load_errors: Dict[str, str] = {}
 
 
-def load_backend(name: str) -> Optional[ModuleType]:
-    """The backend's module, or None where it cannot load here (the reason is in ``backend_report``)."""
+def load_backend(name: str) -> Optional[Backend]:
+    """The backend (its module), or None where it cannot load here (the reason is in ``backend_report``)."""
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)} or 'auto'")
     if name not in _loaded:
@@ -37,20 +36,20 @@ def load_backend(name: str) -> Optional[ModuleType]:
             reason = getattr(module, "unavailable_reason", lambda: None)()
             if reason:
                 raise ImportError(reason)
-            _loaded[name] = module
+            _loaded[name] = cast(Backend, module)
         except Exception as exc:  # a missing triton or an unbuilt extension is not an error here
             _loaded[name] = None
             _load_errors[name] = f"{type(exc).__name__}: {exc}"
     return _loaded[name]
 
 
-def _runs_on(module: ModuleType, device: torch.device) -> bool:
+def _runs_on(module: Backend, device: torch.device) -> bool:
     supports = getattr(module, "supports_device", lambda d: True)
     return bool(supports(device))
 
 
-def resolve_backend(name: Optional[str] = None, device: Optional[torch.device] = None) -> ModuleType:
-    """The backend module to use: ``name`` (or the environment variable), else the fastest for ``device``."""
+def resolve_backend(name: Optional[str] = None, device: Optional[torch.device] = None) -> Backend:
+    """The backend (its module) to use: ``name`` (or the environment variable), else the fastest for ``device``."""
     name = (name or os.environ.get(ENV_VAR) or "auto").lower()
     device = torch.device(device) if device is not None else torch.device("cpu")
     if name != "auto":

@@ -21,7 +21,6 @@ from torch import Tensor
 
 from .._build import load_extension
 from .interface import AdamWStepArgs
-from .reference import copy_async  # noqa: F401  (the backend contract; device copies need no kernel)
 
 NAME = "cuda"
 _SCALAR_CACHE_SIZE = 64

@@ -15,23 +15,17 @@ A BAdam block keeps its optimizer state in flat 1-D buffers (see ``block_state.p
 The tensors whose weight decays are laid out first, so the per-tensor decay mask is one number:
 elements ``[0, decay_numel)`` decay, the rest (biases, norms) do not.
 
-Each backend module (``reference``, ``triton_adamw``, ``cuda``) provides
-
-    adamw_step(args: AdamWStepArgs) -> Tensor | None
-    init_state(param, master, exp_avg, exp_avg_sq) -> None
-    copy_async(dst: list[Tensor], src: list[Tensor]) -> None
-
-and this module validates and packs the arguments once for all of them.
+Each backend module (``reference``, ``triton_adamw``, ``cuda``) satisfies the ``Backend`` protocol
+below; this module validates and packs the arguments once for all of them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Protocol, Union, runtime_checkable
 
 import torch
 from torch import Tensor
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 PARAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 Scalar = Union[float, Tensor]
@@ -86,6 +80,32 @@ class AdamWStepArgs:
     @property
     def needs_norm(self) -> bool:
         return self.max_grad_norm is not None or self.check_finite
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The contract of a backend: a module (or any object) with these members.
+
+    ``ops.load_backend`` / ``ops.resolve_backend`` return one; the public ``ops.adamw_step`` and
+    ``ops.init_state`` validate their arguments (``pack_adamw_args``, ``check_state_buffers``) before
+    they call it, so a backend may assume valid, same-device, contiguous flat buffers.
+
+    Two more functions are optional (the dispatch assumes the defaults where a backend lacks them):
+
+    * ``unavailable_reason() -> str | None``: why the backend cannot run in this process (a missing
+      ``triton``, an unbuilt extension, no CUDA device), or None; default: always available;
+    * ``supports_device(device) -> bool``: whether it runs on tensors of ``device``; default: any device.
+    """
+
+    NAME: str
+    """The name the dispatch knows it by: ``"reference"``, ``"triton"`` or ``"cuda"``."""
+
+    def adamw_step(self, args: AdamWStepArgs) -> Optional[Tensor]:
+        """One fused AdamW step in place (see ``AdamWStepArgs``); the gradient norm (a 0-d fp32 tensor)
+        when ``args.needs_norm``, else None."""
+
+    def init_state(self, param: Tensor, master: Optional[Tensor], exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+        """Set master = float(param) (when there is a master) and exp_avg = exp_avg_sq = 0, in place."""
 
 
 def _require(cond: bool, message: str) -> None:
@@ -156,10 +176,3 @@ def pack_adamw_args(
                          float(weight_decay), decay_numel, grad_scale, found_inf, max_grad_norm,
                          bool(check_finite), int(seed))
 
-
-def check_copy_lists(dst: list, src: list) -> None:
-    """Both lists pair tensors of equal shape and dtype."""
-    _require(len(dst) == len(src), f"copy lists differ in length: {len(dst)} and {len(src)}")
-    for i, (d, s) in enumerate(zip(dst, src)):
-        _require(d.shape == s.shape and d.dtype == s.dtype,
-                 f"copy pair {i}: {tuple(s.shape)} {s.dtype} into {tuple(d.shape)} {d.dtype}")

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .interface import AdamWStepArgs, check_copy_lists
+from .interface import AdamWStepArgs
 
 NAME = "reference"
 
@@ -89,9 +89,3 @@ def init_state(param: Tensor, master: Optional[Tensor], exp_avg: Tensor, exp_avg
     exp_avg.zero_()
     exp_avg_sq.zero_()
 
-
-def copy_async(dst: list, src: list) -> None:
-    """Copy each src tensor into its dst (device <-> pinned host), without waiting for it."""
-    check_copy_lists(dst, src)
-    for d, s in zip(dst, src):
-        d.copy_(s, non_blocking=True)

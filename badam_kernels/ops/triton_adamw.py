@@ -37,7 +37,6 @@ import torch
 from torch import Tensor
 
 from .interface import AdamWStepArgs
-from .reference import copy_async  # noqa: F401  (the backend contract; device copies need no kernel)
 
 try:
     import triton
