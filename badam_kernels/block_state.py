@@ -7,9 +7,6 @@ becomes a view, so accumulation goes straight into it; it takes no room during t
 activations peak), and the fp32 master copy and Adam moments in three more. A fused step is then a plain 1-D sweep over five buffers in one launch. Tensors that
 take weight decay come first, so the decay mask is a single split point. Offsets are padded to
 ``ALIGN`` elements so that every view starts on a 128-byte boundary.
-
-``StatePark`` holds the states of inactive blocks in (pinned) host memory for the ``offload``
-policy, with copies on a side stream so that a switch does not wait for the link.
 """
 from __future__ import annotations
 
@@ -24,7 +21,6 @@ from torch import Tensor
 from . import ops
 
 ALIGN = 64  # elements
-Key = Tuple[int, int]  # (block, dtype group) of a parked state
 
 
 def local_shard(t: Tensor) -> Tensor:
@@ -214,116 +210,3 @@ class FlatGroup:
             if src.shape != dst.shape:
                 raise ValueError(f"saved {key} has shape {tuple(src.shape)}, this block needs {tuple(dst.shape)}")
             dst.copy_(src, non_blocking=True)
-
-
-def _pin(t: Tensor) -> Tensor:
-    return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=torch.cuda.is_available())
-
-
-class StatePark:
-    """Optimizer states of inactive blocks, parked in host memory (the ``offload`` policy).
-
-    States are keyed by (block, dtype group). Host buffers are pinned, allocated once per key and
-    reused at every later park of it. Copies run on a side stream; an event per key orders them:
-    the compute stream never reads a restored state before its copy landed, and a host buffer is
-    never refilled while a copy from it is in flight. On CPU tensors the park simply keeps them.
-    """
-
-    def __init__(self):
-        self.host: Dict[Key, Dict[str, Tensor]] = {}
-        self._events: Dict[Key, "torch.cuda.Event"] = {}
-        self._prefetched: Dict[Key, Dict[str, Tensor]] = {}
-        self._stream = None
-        self._current: set = set()  # keys whose host copy is the block's latest state
-
-    def holds(self, block: int) -> bool:
-        return any(key[0] == block for key in self._current)
-
-    def blocks(self) -> List[int]:
-        """Blocks with parked states."""
-        return sorted({key[0] for key in self._current})
-
-    def nbytes(self) -> int:
-        """Host bytes held (buffers stay allocated for reuse after their block returns)."""
-        return sum(t.numel() * t.element_size() for states in self.host.values() for t in states.values())
-
-    def reserve(self, key: Key, specs: Dict[str, Tuple[Tuple[int, ...], torch.dtype]]) -> None:
-        """Allocate the pinned host buffers of ``key`` now, so that no switch waits for the allocation."""
-        self.host[key] = {name: torch.empty(shape, dtype=dtype, device="cpu", pin_memory=True)
-                          for name, (shape, dtype) in specs.items()}
-
-    def _side_stream(self, device: torch.device):
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device=device)
-        return self._stream
-
-    def park(self, key: Key, states: Dict[str, Tensor]) -> None:
-        """Copy ``states`` (device tensors) to the key's host buffers, without stalling the caller."""
-        self._prefetched.pop(key, None)
-        self._current.add(key)
-        some = next(iter(states.values()))
-        if some.device.type != "cuda":
-            self.host[key] = dict(states)
-            return
-        host = self.host.get(key)
-        if host is None or any(host[k].shape != v.shape or host[k].dtype != v.dtype for k, v in states.items()):
-            host = {k: _pin(v) for k, v in states.items()}
-            self.host[key] = host
-        stream = self._side_stream(some.device)
-        self._wait_event(key)  # the previous copy into or out of these buffers has finished
-        stream.wait_stream(torch.cuda.current_stream(some.device))
-        with torch.cuda.stream(stream):
-            for name, t in states.items():
-                host[name].copy_(t, non_blocking=True)
-                t.record_stream(stream)  # the device tensor outlives the copy reading it
-        self._record_event(key, stream)
-
-    def prefetch(self, key: Key, device: torch.device) -> None:
-        """Start copying parked states back to ``device``; ``take`` will wait for them."""
-        if key not in self._current or key in self._prefetched or device.type != "cuda":
-            return
-        stream = self._side_stream(device)
-        self._wait_event(key)
-        with torch.cuda.stream(stream):
-            self._prefetched[key] = {k: v.to(device, non_blocking=True) for k, v in self.host[key].items()}
-        self._record_event(key, stream)
-
-    def take(self, key: Key, device: torch.device) -> Dict[str, Tensor]:
-        """The parked states on ``device``, ready for the compute stream."""
-        if device.type != "cuda":
-            self._current.discard(key)
-            return self.host.pop(key)
-        self.prefetch(key, device)  # a no-op when the prefetch already ran (it must see the key as current)
-        self._current.discard(key)
-        states = self._prefetched.pop(key)
-        current = torch.cuda.current_stream(device)
-        current.wait_event(self._events[key])
-        for t in states.values():
-            t.record_stream(current)
-        return states
-
-    def _record_event(self, key: Key, stream) -> None:
-        event = torch.cuda.Event()
-        event.record(stream)
-        self._events[key] = event
-
-    def _wait_event(self, key: Key) -> None:
-        event = self._events.get(key)
-        if event is not None:
-            self._stream.wait_event(event)
-
-    def state_dict(self) -> Dict[Key, Dict[str, Tensor]]:
-        """CPU copies of every parked state (waits for copies in flight)."""
-        for event in self._events.values():
-            event.synchronize()
-        return {key: {k: v.detach().cpu().clone() for k, v in self.host[key].items()} for key in self._current}
-
-    def load_state_dict(self, parked: Dict[Key, Dict[str, Tensor]]) -> None:
-        """Take saved parked states into host buffers of our own (pinned where CUDA is present),
-        wherever the caller's copies live (Accelerate moves a whole state dict to the GPU)."""
-        self.host = {}
-        for key, states in parked.items():
-            self.host[tuple(key)] = {k: _pin(v).copy_(v) for k, v in states.items()}
-        self._current = set(self.host)
-        self._prefetched.clear()
-        self._events.clear()

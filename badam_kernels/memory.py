@@ -34,19 +34,7 @@ def memory_report(optimizer, model: torch.nn.Module) -> Dict[str, int]:
     grads += sum(_nbytes(p.grad) for p in model.parameters()
                  if p.grad is not None and local_shard(p.grad).untyped_storage().data_ptr() not in flat_grads)
     return {"weights": weights, "master": master, "moments": moments, "grads": grads,
-            "host_parked": optimizer.park.nbytes() + sum(
-                _nbytes(v) for state in optimizer._parked_base.values() for v in _tensors(state))}
-
-
-def _tensors(obj):
-    if torch.is_tensor(obj):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
+            "host_parked": optimizer.policy.host_bytes()}
 
 
 def format_bytes(n: int) -> str:

@@ -127,3 +127,39 @@ def _matching(names: Sequence[str], prefix: str, what: str) -> List[int]:
     if not matched:
         raise ValueError(f"{what} matches no parameter name")
     return matched
+
+
+# Set on the parameters a BlockOptimizer froze because their block is inactive: a second optimizer
+# built over the same model must still train them, unlike parameters the user froze.
+_FROZEN_BY_BLOCK_OPTIMIZER = "_badam_kernels_inactive"
+
+
+def trainable(param: torch.Tensor) -> bool:
+    """Whether the user lets ``param`` train: it requires grad, or only a BlockOptimizer froze it."""
+    return param.requires_grad or getattr(param, _FROZEN_BY_BLOCK_OPTIMIZER, False)
+
+
+def set_trainable(param: torch.Tensor, active: bool) -> None:
+    """Unfreeze ``param`` for its block's turn, or freeze it (dropping its gradient) until the next."""
+    param.requires_grad_(active)
+    setattr(param, _FROZEN_BY_BLOCK_OPTIMIZER, not active)
+    if not active:
+        param.grad = None
+
+
+def checked_named_parameters(named_parameters_list) -> List[Tuple[str, torch.nn.Parameter]]:
+    """``named_parameters_list`` as a list of (name, tensor) pairs, each tensor once."""
+    items = list(named_parameters_list)
+    if not items:
+        raise ValueError("named_parameters_list is empty")
+    seen = {}
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], torch.Tensor)):
+            raise TypeError("named_parameters_list must hold (name, parameter) pairs, "
+                            "e.g. list(model.named_parameters())")
+        name, param = item
+        if id(param) in seen:
+            raise ValueError(f"parameter {name!r} is the same tensor as {seen[id(param)]!r}")
+        seen[id(param)] = name
+    return items

@@ -54,7 +54,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 shard = ids[rank * BATCH // WORLD:(rank + 1) * BATCH // WORLD]
                 lm_loss(model, shard).backward()
                 rec["grad_bytes"].append(sum(g.grad.numel() * g.grad.element_size() for g in opt.groups))
-                rec.setdefault("in_flight", []).append(len(opt._pending))  # overlap: launched by the hooks
+                rec.setdefault("in_flight", []).append(len(opt.sync.pending))  # overlap: launched by the hooks
                 opt.step()
                 opt.zero_grad()
                 rec["bytes"].append(opt.bytes_reduced_last_step)

@@ -3,7 +3,7 @@
 Only the active block requires grad, so only its gradients cross the wire: with D blocks, about 1/D
 of what DDP all-reduces. They already sit in one flat buffer per dtype group (``FlatGroup.grad``,
 see ``block_state.py``), so one ``all_reduce`` per group per step is the whole communication; it
-runs in ``_reduce_gradients``, before the finite check and the clipping, so every rank sees the
+runs in ``AllReduceGradients.reduce``, before the finite check and the clipping, so every rank sees the
 same averaged gradients and takes (or skips) the same step.
 
 At construction the ranks are made to agree: rank 0's seed of the random block order is broadcast
@@ -29,8 +29,10 @@ import torch
 import torch.distributed as dist
 
 from ..optimizer import BlockOptimizer
+from ..sync import LocalGradients
 
-__all__ = ["DataParallelBlockOptimizer", "agreed_seed", "comm_device", "init_distributed", "is_main_process"]
+__all__ = ["AllReduceGradients", "DataParallelBlockOptimizer", "ProcessGroupSync", "comm_device", "init_distributed",
+           "is_main_process"]
 
 
 def init_distributed(backend: Optional[str] = None) -> Tuple[int, int, torch.device]:
@@ -66,55 +68,26 @@ def comm_device(process_group=None) -> torch.device:
     return torch.device("cpu")
 
 
-def agreed_seed(seed: Optional[int], process_group=None) -> int:
-    """Rank 0's seed (drawn from its global RNG when None) on every rank of the group: one broadcast."""
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, ()).item())
-    t = torch.tensor([seed], dtype=torch.int64, device=comm_device(process_group))
-    dist.broadcast(t, group_src=0, group=process_group)
-    return int(t.item())
+class ProcessGroupSync(LocalGradients):
+    """What every multi-process synchronisation shares: the process group, its size, and the
+    agreements at start-up (the seed of the random block order, the parameters)."""
 
-
-class DataParallelBlockOptimizer(BlockOptimizer):
-    """``BlockOptimizer`` whose active block's gradients are averaged over the ranks of a process group.
-
-    Takes the arguments of :class:`BlockOptimizer`, plus (keyword-only):
-        process_group: the ranks to average over (default: the whole world).
-        sync_module_states: broadcast rank 0's parameters once, before anything else, so that ranks
-            that initialised their models differently start identical.
-        overlap: launch each group's all-reduce from a backward hook (see the module docstring).
-
-    Each rank's loss must be the mean over its own shard, with equal shard sizes: the average of
-    the ranks' gradients is then the gradient of the mean over the whole batch.
-    ``bytes_reduced_last_step`` and ``bytes_reduced_total`` count the gradient bytes all-reduced.
-    """
-
-    def __init__(self, base_optimizer, named_parameters_list, *args, process_group=None,
-                 sync_module_states: bool = False, overlap: bool = False, seed: Optional[int] = None, **kwargs):
+    def __init__(self, process_group=None):
         if not dist.is_initialized():
-            raise RuntimeError("torch.distributed is not initialised: call badam_kernels.distributed."
+            raise RuntimeError("torch.distributed is not initialised: call badam_kernels.parallel.data_parallel."
                                "init_distributed() first (under torchrun)")
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
-        self.bytes_reduced_last_step = 0
-        self.bytes_reduced_total = 0
-        self.overlap = overlap
-        self._sync_enabled = True
-        self._pending: dict = {}  # group index -> async work of its all-reduce
-        self._arrived: dict = {}  # group index -> entries whose gradient arrived in this backward
-        self._overlap_hooks: list = []
-        named = list(named_parameters_list)
-        self._check_same_parameters(named)
-        if sync_module_states:
-            self._broadcast_parameters(named)
-        super().__init__(base_optimizer, named, *args, seed=agreed_seed(seed, process_group), **kwargs)
+        self.comm_device = comm_device(process_group)
 
-    # ---------------------------------------------------------------- agreement at construction
-    def _broadcast_from_rank0(self, tensor: torch.Tensor) -> None:
-        dist.broadcast(tensor, group_src=0, group=self.process_group)
+    def agree_on_seed(self, seed: int) -> int:
+        """Rank 0's seed on every rank of the group: one broadcast (only random orders need it)."""
+        t = torch.tensor([seed], dtype=torch.int64, device=self.comm_device)
+        dist.broadcast(t, group_src=0, group=self.process_group)
+        return int(t.item())
 
-    def _check_same_parameters(self, named) -> None:
+    def check_same_parameters(self, named) -> None:
         """One small all-gather: every rank must hold the same parameter names, shapes and dtypes."""
         digest = hashlib.sha256(repr([(n, tuple(p.shape), str(p.dtype)) for n, p in named]).encode()).hexdigest()
         digests: List[Optional[str]] = [None] * self.world_size
@@ -124,81 +97,120 @@ class DataParallelBlockOptimizer(BlockOptimizer):
             raise ValueError(f"ranks {differ} hold other parameters (names, shapes or dtypes) than rank 0: "
                              "every rank must build the same model")
 
-    def _broadcast_parameters(self, named) -> None:
-        with torch.no_grad():
-            for _, p in named:
-                self._broadcast_from_rank0(p.data)
 
-    # ---------------------------------------------------------------- the reduction
-    def _grad_bytes(self) -> int:
-        return sum(g.grad.numel() * g.grad.element_size() for g in self.groups)
+class AllReduceGradients(ProcessGroupSync):
+    """Data parallel: each flat gradient group averaged over the ranks by one all-reduce per step,
+    launched at ``reduce`` or, with ``overlap``, from backward as soon as the group's last gradient
+    has arrived. Counts the bytes it reduces."""
+
+    def __init__(self, process_group=None, overlap: bool = False):
+        super().__init__(process_group)
+        self.overlap = overlap
+        self.enabled = True  # False inside no_sync(): backward only accumulates
+        self.bytes_last_step = 0
+        self.bytes_total = 0
+        self.pending: dict = {}  # group index -> async work of its all-reduce
+        self._arrived: dict = {}  # group index -> entries whose gradient arrived in this backward
+        self._hooks: list = []
 
     def _launch(self, group, async_op: bool):
         op = dist.ReduceOp.AVG if dist.get_backend(self.process_group) == "nccl" else dist.ReduceOp.SUM
         return dist.all_reduce(group.grad, op=op, group=self.process_group, async_op=async_op)
 
-    def _reduce_gradients(self) -> None:
+    def reduce(self, groups) -> None:
         """Average each group's flat gradient over the ranks: one all-reduce per group (or wait for it)."""
         if self.world_size == 1:
-            self._pending.clear()
-            self.bytes_reduced_last_step = 0
+            self.pending.clear()
+            self.bytes_last_step = 0
             return
         self._arrived.clear()
-        for gi, group in enumerate(self.groups):
-            work = self._pending.pop(gi, None)
+        for gi, group in enumerate(groups):
+            work = self.pending.pop(gi, None)
             if work is not None:
                 work.wait()
             else:
                 self._launch(group, async_op=False)
             if dist.get_backend(self.process_group) != "nccl":  # gloo has no ReduceOp.AVG
                 group.grad.div_(self.world_size)
-        self.bytes_reduced_last_step = self._grad_bytes()
-        self.bytes_reduced_total += self.bytes_reduced_last_step
+        self.bytes_last_step = sum(g.grad.numel() * g.grad.element_size() for g in groups)
+        self.bytes_total += self.bytes_last_step
 
-    # ---------------------------------------------------------------- overlap with backward
+    def activated(self, groups) -> None:
+        """With ``overlap``: hooks that launch a group's all-reduce once its last gradient arrived."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self.pending.clear()
+        self._arrived.clear()
+        if not (self.overlap and self.world_size > 1):
+            return
+        me = weakref.ref(self)  # hooks hold the sync weakly, as block_state.py's hold their group
+        for gi, group in enumerate(groups):
+            for k, param in enumerate(group.params):
+                # registered after the group's own hook, so the gradient is already in group.grad
+                self._hooks.append(param.register_post_accumulate_grad_hook(_arrival_hook(me, gi, weakref.ref(group), k)))
+
+    def zero_grad(self) -> None:
+        for work in self.pending.values():  # a backward without step: let its reductions land first
+            work.wait()
+        self.pending.clear()
+        self._arrived.clear()
+
+
+def _arrival_hook(sync_ref, gi: int, group_ref, k: int):
+    def hook(_param):
+        sync, group = sync_ref(), group_ref()
+        if sync is None or group is None:
+            return  # the optimizer is gone, or the block went inactive
+        arrived = sync._arrived.setdefault(gi, set())
+        arrived.add(k)
+        if len(arrived) == len(group.entries) and sync.enabled and gi not in sync.pending:
+            sync.pending[gi] = sync._launch(group, async_op=True)
+
+    return hook
+
+
+class DataParallelBlockOptimizer(BlockOptimizer):
+    """``BlockOptimizer`` whose active block's gradients are averaged over the ranks of a process group.
+
+    Every rank holds the whole model and calls ``step`` after its own backward; the average of
+    the ranks' gradients is then the gradient of the mean over the whole batch.
+    ``bytes_reduced_last_step`` and ``bytes_reduced_total`` count the gradient bytes all-reduced.
+    ``sync_module_states``: broadcast rank 0's weights first; ``overlap``: see the module docstring.
+    """
+
+    def __init__(self, base_optimizer, named_parameters_list, *args, process_group=None,
+                 sync_module_states: bool = False, overlap: bool = False, **kwargs):
+        sync = AllReduceGradients(process_group, overlap)
+        named = list(named_parameters_list)
+        sync.check_same_parameters(named)
+        if sync_module_states:
+            with torch.no_grad():
+                for _, p in named:
+                    dist.broadcast(p.data, group_src=0, group=process_group)
+        super().__init__(base_optimizer, named, *args, sync=sync, **kwargs)
+
+    @property
+    def process_group(self):
+        return self.sync.process_group
+
+    @property
+    def world_size(self) -> int:
+        return self.sync.world_size
+
+    @property
+    def bytes_reduced_last_step(self) -> int:
+        return self.sync.bytes_last_step
+
+    @property
+    def bytes_reduced_total(self) -> int:
+        return self.sync.bytes_total
+
     @contextlib.contextmanager
     def no_sync(self):
         """Backward passes in here only accumulate (no all-reduce is launched); ``step`` still reduces."""
-        previous, self._sync_enabled = self._sync_enabled, False
+        previous, self.sync.enabled = self.sync.enabled, False
         try:
             yield
         finally:
-            self._sync_enabled = previous
-
-    def _activate(self, block: int, saved: Optional[dict] = None) -> None:
-        super()._activate(block, saved)
-        if self.overlap and self.world_size > 1:
-            self._install_overlap_hooks()
-
-    def _install_overlap_hooks(self) -> None:
-        for handle in self._overlap_hooks:
-            handle.remove()
-        self._overlap_hooks = []
-        self._pending.clear()
-        self._arrived.clear()
-        me = weakref.ref(self)  # hooks hold the optimizer weakly, as block_state.py's do their group
-        for gi, group in enumerate(self.groups):
-            for k, param in enumerate(group.params):
-                # registered after the group's own hook, so the gradient is already in group.grad
-                self._overlap_hooks.append(param.register_post_accumulate_grad_hook(
-                    _arrival_hook(me, gi, weakref.ref(group), k)))
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for work in self._pending.values():  # a backward without step: let its reductions land first
-            work.wait()
-        self._pending.clear()
-        self._arrived.clear()
-        super().zero_grad(set_to_none)
-
-
-def _arrival_hook(opt_ref, gi: int, group_ref, k: int):
-    def hook(_param):
-        opt, group = opt_ref(), group_ref()
-        if opt is None or group is None or not any(g is group for g in opt.groups):
-            return  # the optimizer is gone, or the block went inactive
-        arrived = opt._arrived.setdefault(gi, set())
-        arrived.add(k)
-        if len(arrived) == len(group.entries) and opt._sync_enabled and gi not in opt._pending:
-            opt._pending[gi] = opt._launch(group, async_op=True)
-
-    return hook
+            self.sync.enabled = previous

@@ -35,11 +35,12 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from ..block_state import Entry, FlatGroup, layout, local_shard, state_specs
-from .data_parallel import agreed_seed, comm_device
+from .data_parallel import ProcessGroupSync
 from ..layers import find_layer_stack
-from ..optimizer import STATE_DICT_FORMAT, BlockOptimizer, _fused_adamw_eligible
+from ..optimizer import STATE_DICT_FORMAT, BlockOptimizer
+from ..update import fused_adamw_eligible
 
-__all__ = ["ShardedBlockOptimizer", "ShardedFlatGroup", "load_checkpoint", "save_checkpoint", "shard_model"]
+__all__ = ["ShardedBlockOptimizer", "ShardedFlatGroup", "ShardedGradients", "load_checkpoint", "save_checkpoint", "shard_model"]
 
 DCP_FORMAT = "badam_kernels.ShardedBlockOptimizer.dcp/1"
 _META_KEYS = ("param_names", "param_groups", "global_step", "state_policy")
@@ -166,6 +167,40 @@ class ShardedFlatGroup(FlatGroup):
         return sum(v.float().square().sum() * w for v, w in zip(self._grad_views(), weights))
 
 
+class ShardedGradients(ProcessGroupSync):
+    """FSDP2: each rank updates its shards. FSDP2 reduce-scatters and averages the DTensor gradients;
+    plain (replicated) parameters are averaged here; the gradient norm spans every rank's shard, so
+    it is summed over the ranks (one scalar all-reduce) and never taken inside the kernel."""
+
+    group_class = ShardedFlatGroup
+    norm_is_local = False
+
+    def flat_numel(self, entries: Sequence[Entry]) -> int:
+        return LocalLayout.of(entries).numel
+
+    def reduce(self, groups: List[ShardedFlatGroup]) -> None:
+        if self.world_size == 1:
+            return
+        for group in groups:
+            for grad in group.replicated_grads():
+                dist.all_reduce(grad, group=self.process_group)
+                grad.div_(self.world_size)
+
+    def squared_norm(self, groups: List[ShardedFlatGroup]) -> Tensor:
+        """The whole gradient's sum of squares: each rank's share, summed by one all-reduce."""
+        sq = torch.stack([g.local_sq_norm(self.world_size).to(self.comm_device) for g in groups]).sum()
+        dist.all_reduce(sq, group=self.process_group)
+        return sq
+
+    def before_update(self, groups: List[ShardedFlatGroup]) -> None:
+        for group in groups:
+            group.pull_params()
+
+    def after_update(self, groups: List[ShardedFlatGroup]) -> None:
+        for group in groups:
+            group.push_params()
+
+
 class ShardedBlockOptimizer(BlockOptimizer):
     """``BlockOptimizer`` over a model sharded with FSDP2 (see :func:`shard_model`).
 
@@ -184,48 +219,19 @@ class ShardedBlockOptimizer(BlockOptimizer):
     ``torch.distributed.checkpoint`` across world sizes; ``state_dict`` stays the per-rank one.
     """
 
-    group_class = ShardedFlatGroup
-    norm_in_kernel = False  # the norm spans every rank's shard: checked and clipped before the kernel
-
-    def __init__(self, base_optimizer, named_parameters_list, *args, process_group=None,
-                 seed: Optional[int] = None, **kwargs):
-        if not dist.is_initialized():
-            raise RuntimeError("torch.distributed is not initialised: call badam_kernels.distributed."
-                               "init_distributed() first (under torchrun)")
-        if not _fused_adamw_eligible(base_optimizer):
+    def __init__(self, base_optimizer, named_parameters_list, *args, process_group=None, **kwargs):
+        if not fused_adamw_eligible(base_optimizer):
             raise ValueError("ShardedBlockOptimizer needs an Adam/AdamW base optimizer (the fused path)")
-        self.process_group = process_group
-        self.world_size = dist.get_world_size(process_group)
-        self._comm_device = comm_device(process_group)
-        super().__init__(base_optimizer, named_parameters_list, *args, seed=agreed_seed(seed, process_group),
+        super().__init__(base_optimizer, named_parameters_list, *args, sync=ShardedGradients(process_group),
                          **kwargs)
 
-    def _flat_numel(self, entries: List[Entry]) -> int:
-        return LocalLayout.of(entries).numel
+    @property
+    def process_group(self):
+        return self.sync.process_group
 
-    # ---------------------------------------------------------------- the step
-    def _reduce_gradients(self) -> None:
-        """FSDP2 reduce-scattered and averaged the DTensor gradients; plain parameters are averaged here."""
-        if self.world_size == 1:
-            return
-        for group in self.groups:
-            for grad in group.replicated_grads():
-                dist.all_reduce(grad, group=self.process_group)
-                grad.div_(self.world_size)
-
-    def _grad_norm(self) -> Tensor:
-        """L2 norm of the active block's whole (unscaled) gradient: one all-reduce of the squared shares."""
-        sq = torch.stack([g.local_sq_norm(self.world_size).to(self._comm_device) for g in self.groups]).sum()
-        dist.all_reduce(sq, group=self.process_group)
-        scale = getattr(self, "grad_scale", None)  # GradScaler: the grads are still scaled
-        return sq.sqrt() if scale is None else sq.sqrt() / torch.as_tensor(scale, device=sq.device).reshape(())
-
-    def _fused_step(self) -> None:
-        for group in self.groups:
-            group.pull_params()
-        super()._fused_step()
-        for group in self.groups:
-            group.push_params()
+    @property
+    def world_size(self) -> int:
+        return self.sync.world_size
 
     # ---------------------------------------------------------------- DCP checkpoints
     def _layouts(self, block: int) -> List[LocalLayout]:
@@ -258,8 +264,8 @@ class ShardedBlockOptimizer(BlockOptimizer):
     def _zero_flats(self, block: int) -> List[Dict[str, Tensor]]:
         """Empty flat states of the block, to be filled by ``dcp.load``."""
         return [{key: torch.zeros(shape, dtype=dtype) for key, (shape, dtype) in
-                 state_specs(lay.entries[0].param.dtype, lay.numel, keep_master=self.master_weights,
-                             with_moments=self.fused, state_dtype=self.state_dtype).items()}
+                 state_specs(lay.entries[0].param.dtype, lay.numel, keep_master=self.options.master_weights,
+                             with_moments=self.rule.with_moments, state_dtype=self.options.state_dtype).items()}
                 for lay in self._layouts(block)]
 
     def dcp_state_dict(self, meta: Optional[dict] = None) -> dict:
