@@ -96,22 +96,35 @@ class FlatGroup:
 
     def __init__(self, entries: Sequence[Entry], *, keep_master: bool, with_moments: bool,
                  state_dtype: torch.dtype = torch.float32):
-        self.entries, self.offsets, total, self.decay_numel = layout(entries)
+        self.entries, self.offsets, self.shapes, self.numel, self.decay_numel = self._layout(entries)
         first = self.entries[0].param
-        self.dtype, self.device = first.dtype, first.device
-        self.numel = total
-        self.padded = total != sum(e.param.numel() for e in self.entries)
+        self.dtype, self.device = first.dtype, local_shard(first).device
+        self.padded = self.numel != sum(shape.numel() for shape in self.shapes)
         new = torch.zeros if self.padded else torch.empty  # padding holds zeros in every buffer
-        self.param = new(total, dtype=self.dtype, device=self.device)
-        with torch.no_grad():
-            for e, view in zip(self.entries, self._views(self.param)):
-                view.copy_(e.param.data)
-                e.param.data = view  # the model's parameter now lives in the flat buffer
+        self.param = new(self.numel, dtype=self.dtype, device=self.device)
+        self._bind_params()
         self.grad: Optional[Tensor] = None  # allocated when the first gradient arrives
         self._views_of_grad: List[Tensor] = []
-        self._hooks = [e.param.register_post_accumulate_grad_hook(_adopt_hook(weakref.ref(self), k))
-                       for k, e in enumerate(self.entries)]
+        self._hooks = self._grad_hooks()
         self._allocate_states(keep_master, with_moments, state_dtype)
+
+    # -- what a group over local shards (parallel/fsdp.py) does differently ---------------------------
+    def _layout(self, entries: Sequence[Entry]):
+        """(entries in flat order, offsets, shapes, padded length, decay split) of the flat buffers."""
+        ordered, offsets, numel, decay_numel = layout(entries)
+        return ordered, offsets, [e.param.shape for e in ordered], numel, decay_numel
+
+    @torch.no_grad()
+    def _bind_params(self) -> None:
+        """The model's parameters move into the flat buffer: each becomes a view of it."""
+        for e, view in zip(self.entries, self._views(self.param)):
+            view.copy_(e.param.data)
+            e.param.data = view
+
+    def _grad_hooks(self) -> list:
+        """Each gradient moves into the flat buffer as soon as autograd produces it (``_adopt_grad``)."""
+        return [e.param.register_post_accumulate_grad_hook(_adopt_hook(weakref.ref(self), k))
+                for k, e in enumerate(self.entries)]
 
     def _allocate_states(self, keep_master: bool, with_moments: bool, state_dtype: torch.dtype) -> None:
         """The master and moment buffers ``state_specs`` asks for (zeros where padding needs them)."""
@@ -126,7 +139,7 @@ class FlatGroup:
 
     # -- views ------------------------------------------------------------------------------------
     def _views(self, flat: Tensor) -> List[Tensor]:
-        return [flat[o:o + e.param.numel()].view(e.param.shape) for e, o in zip(self.entries, self.offsets)]
+        return [flat[o:o + shape.numel()].view(shape) for o, shape in zip(self.offsets, self.shapes)]
 
     def master_views(self) -> List[Tensor]:
         """The fp32 tensors a base optimizer updates: views of the master, or the fp32 params."""

@@ -191,14 +191,6 @@ class DataParallelBlockOptimizer(BlockOptimizer):
         super().__init__(base_optimizer, named, *args, sync=sync, **kwargs)
 
     @property
-    def process_group(self):
-        return self.sync.process_group
-
-    @property
-    def world_size(self) -> int:
-        return self.sync.world_size
-
-    @property
     def bytes_reduced_last_step(self) -> int:
         return self.sync.bytes_last_step
 

@@ -113,24 +113,15 @@ class ShardedFlatGroup(FlatGroup):
     FSDP2 accumulates later backward passes straight into it. No post-accumulate-grad hooks.
     """
 
-    def __init__(self, entries: Sequence[Entry], *, keep_master: bool, with_moments: bool,
-                 state_dtype: torch.dtype = torch.float32):
-        self.layout = LocalLayout.of(entries)
-        self.entries, self.offsets = self.layout.entries, self.layout.offsets
-        self.numel, self.decay_numel = self.layout.numel, self.layout.decay_numel
-        first = self.entries[0].param
-        self.dtype, self.device = first.dtype, local_shard(first).device
-        self.padded = self.numel != sum(s.numel() for s in self.layout.shapes)
-        new = torch.zeros if self.padded else torch.empty  # padding holds zeros in every buffer
-        self.param = new(self.numel, dtype=self.dtype, device=self.device)
-        self.pull_params()
-        self.grad: Optional[Tensor] = None
-        self._views_of_grad: List[Tensor] = []
-        self._hooks = []
-        self._allocate_states(keep_master, with_moments, state_dtype)
+    def _layout(self, entries: Sequence[Entry]):
+        lay = LocalLayout.of(entries)
+        return lay.entries, lay.offsets, lay.shapes, lay.numel, lay.decay_numel
 
-    def _views(self, flat: Tensor) -> List[Tensor]:
-        return self.layout.views(flat)
+    def _bind_params(self) -> None:
+        self.pull_params()
+
+    def _grad_hooks(self) -> list:
+        return []  # gradients are adopted at step time (collect_grads)
 
     @torch.no_grad()
     def pull_params(self) -> None:
@@ -225,14 +216,6 @@ class ShardedBlockOptimizer(BlockOptimizer):
         super().__init__(base_optimizer, named_parameters_list, *args, sync=ShardedGradients(process_group),
                          **kwargs)
 
-    @property
-    def process_group(self):
-        return self.sync.process_group
-
-    @property
-    def world_size(self) -> int:
-        return self.sync.world_size
-
     # ---------------------------------------------------------------- DCP checkpoints
     def _layouts(self, block: int) -> List[LocalLayout]:
         return [LocalLayout.of(entries) for entries in self._block_entries(block)]
@@ -318,7 +301,7 @@ def save_checkpoint(path, model: Optional[nn.Module], optimizer: ShardedBlockOpt
     state = {"optim": optimizer.dcp_state_dict()}
     if model is not None:
         state["model"] = get_model_state_dict(model)
-    dcp.save(state, checkpoint_id=path, process_group=optimizer.process_group)
+    dcp.save(state, checkpoint_id=path, process_group=optimizer.sync.process_group)
 
 
 def load_checkpoint(path, model: Optional[nn.Module], optimizer: ShardedBlockOptimizer) -> None:
@@ -327,7 +310,7 @@ def load_checkpoint(path, model: Optional[nn.Module], optimizer: ShardedBlockOpt
     Two reads: first the optimizer's bookkeeping (which blocks hold states), then the model's
     weights (unless ``model`` is None) and those states, into a template shaped by it.
     """
-    group = optimizer.process_group
+    group = optimizer.sync.process_group
     meta = {"optim": {"meta": optimizer.dcp_state_dict()["meta"]}}
     dcp.load(meta, checkpoint_id=path, process_group=group)
     state = {"optim": optimizer.dcp_state_dict(meta["optim"]["meta"])}
