@@ -9,6 +9,7 @@ not built, ``badam_kernels/_build.py`` compiles the same sources on first use (J
 """
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -35,6 +36,12 @@ def _why_no_cuda_build(config):
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build"
     return config.use_cuda_home()
+
+
+def _version() -> str:
+    """The package's ``__version__``, written in one place (badam_kernels/__init__.py)."""
+    text = (ROOT / "badam_kernels" / "__init__.py").read_text(encoding="utf-8")
+    return re.search(r'^__version__ = "([^"]+)"', text, re.MULTILINE).group(1)
 
 
 def cuda_extensions_and_cmdclass():
@@ -68,7 +75,7 @@ ext_modules, cmdclass = cuda_extensions_and_cmdclass()
 
 setup(
     name="badam-kernels",
-    version="0.1.0",
+    version=_version(),
     description="Fast, small full-parameter fine-tuning by block coordinate descent with Adam (BAdam)",
     packages=find_packages(include=["badam_kernels", "badam_kernels.*"]),
     package_data={"badam_kernels.finetune": ["assets/*.txt", "assets/*.jsonl"]},
