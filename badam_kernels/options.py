@@ -75,16 +75,18 @@ def _is_number(value) -> bool:
 def option(default: Any, help: str, *, check: Optional[Callable[[Any], Optional[str]]] = None,
            choices: Optional[Sequence] = None, none: bool = False, flag: Optional[str] = None,
            cli: bool = True, metavar: Optional[str] = None, parse: Optional[Callable[[str], Any]] = None,
-           resume_may_change: bool = False) -> Any:
+           resume_may_change: bool = False, group: Optional[str] = None) -> Any:
     """A dataclass field declared as an option.
 
     ``check`` or ``choices`` say which values are valid; ``none``: None is valid too (it means a
     default decided elsewhere). ``flag`` is the command-line spelling (default ``--field-name``),
     ``cli=False`` keeps it off the command line, ``parse`` turns the command-line text into a value
-    (default: the type of ``check``), ``resume_may_change``: ``badam-finetune --resume`` may change it.
+    (default: the type of ``check``), ``resume_may_change``: ``badam-finetune --resume`` may change it,
+    ``group``: the section of the command-line help it is listed in.
     """
     metadata = dict(help=help, check=check, choices=tuple(choices) if choices is not None else None, none=none,
-                    flag=flag, cli=cli, metavar=metavar, parse=parse, resume_may_change=resume_may_change)
+                    flag=flag, cli=cli, metavar=metavar, parse=parse, resume_may_change=resume_may_change,
+                    group=group)
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -252,6 +252,37 @@ def test_resume_finds_checkpoint_old_after_a_kill_between_the_renames(tmp_path, 
     assert not (run / "checkpoint.old").exists() and not (run / "checkpoint.tmp").exists()
 
 
+def test_run_folder_of_version_0_1_0_resumes(tmp_path):
+    """Its config.json spells switch_block_every and compile_layers as switch_every and compile."""
+    run = tmp_path / "run"
+    assert run_cli("--steps", 1, "--out", run, *TINY) == 0
+    saved = json.loads((run / "config.json").read_text())
+    saved["switch_every"], saved["compile"] = saved.pop("switch_block_every"), saved.pop("compile_layers")
+    (run / "config.json").write_text(json.dumps(saved))
+    assert run_cli("--resume", run, "--steps", 1, "--no-progress") == 0
+    assert json.loads((run / "config.json").read_text())["switch_block_every"] == 2
+    assert run_cli("--resume", run, "--steps", 1, "--switch-every", 3, "--no-progress") == 2  # still the run's
+
+
+def test_command_line_is_generated_from_the_declared_options():
+    import dataclasses
+
+    from badam_kernels.finetune.config import RESUME_MAY_CHANGE, TrainConfig
+    from badam_kernels.options import BAdamOptions, declared, flag_of
+
+    parser = cli.build_parser()
+    flags = {s for action in parser._actions for s in action.option_strings}
+    assert {flag_of(f) for f in declared(TrainConfig)} <= flags
+    assert {"--switch-every", "--compile", "--no-progress", "--no-include-embedding"} <= flags
+    badam = {f.name: f for f in dataclasses.fields(BAdamOptions)}
+    for field in declared(TrainConfig):  # the BAdam fields are BAdamOptions' declarations
+        if field.name in badam and field.name not in ("max_grad_norm", "seed"):
+            assert field.metadata["check"] is badam[field.name].metadata["check"], field.name
+            assert field.metadata["help"] == badam[field.name].metadata["help"], field.name
+    assert set(RESUME_MAY_CHANGE) == {"steps", "out", "resume", "log_every", "save_every", "backend", "progress",
+                                      "device", "keep_activations", "keep_mode", "compile_layers"}
+
+
 def _write(path, text):
     path.write_text(text)
     return path
@@ -464,7 +495,7 @@ def test_compile_trains_like_eager_and_is_recorded(tmp_path):
     common = ("--steps", 4, *TINY)
     assert run_cli(*common, "--out", eager) == 0
     assert run_cli(*common, "--compile", "--out", compiled) == 0
-    assert json.loads((compiled / "config.json").read_text())["compile"] is True
+    assert json.loads((compiled / "config.json").read_text())["compile_layers"] is True
     # inductor reorders fp32 reductions: equal to rounding, not to the bit
     losses = [[row["loss"] for row in read_jsonl(run / "metrics.jsonl")] for run in (eager, compiled)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
@@ -476,14 +507,14 @@ def _stop_agreement_worker(rank: int, port: int, out_dir: str) -> None:
 
     import torch.distributed as dist
 
-    from badam_kernels.finetune.loop import _agree_over_ranks
+    from badam_kernels.finetune.launch import agree_over_ranks
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
     try:
         # only rank 1 was interrupted (Ctrl-C reached it a step earlier): both must stop now
-        results = [_agree_over_ranks(torch.tensor(float(rank + 1)), stop, 2) for stop in (False, rank == 1)]
+        results = [agree_over_ranks(torch.tensor(float(rank + 1)), stop, 2) for stop in (False, rank == 1)]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -8,12 +8,15 @@ failure during training); set ``BADAM_KERNELS_DEBUG=1`` to get the traceback ins
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import List, Optional, Union
 
+from .. import options
+from ..options import flag_of
+from .config import EMBEDDED_DEFAULTS, FIELDS, GROUPS, PRETRAINED_DEFAULTS, ConfigError, TrainConfig
 from .data import DataError
-from .loop import ConfigError
 
 PROG = "badam-finetune"
 DEBUG_ENV = "BADAM_KERNELS_DEBUG"
@@ -28,56 +31,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+def _int_or_all(text: str) -> Union[int, str]:
+    return "all" if text.strip().lower() == "all" else int(text)
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
-
-
-def _number(text: str, allow_zero: bool) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value > 0 or (allow_zero and value == 0)) or value != value or value == float("inf"):
-        kind = "non-negative" if allow_zero else "positive"
-        raise argparse.ArgumentTypeError(f"must be a {kind} number, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    return _number(text, allow_zero=False)
-
-
-def _non_negative_float(text: str) -> float:
-    return _number(text, allow_zero=True)
-
-
-def count_or_all(text: str) -> Union[int, str]:
-    """A non-negative integer, or ``all``."""
-    if text.strip().lower() == "all":
-        return "all"
-    try:
-        return _non_negative_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer or 'all', got {text!r}") from None
-
-
-def _prefix_list(text: str) -> List[str]:
+def _prefixes(text: str) -> List[str]:
     if text.strip().lower() in ("", "none"):
         return []
     prefixes = [p.strip() for p in text.split(",")]
@@ -86,81 +44,96 @@ def _prefix_list(text: str) -> List[str]:
     return prefixes
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .loop import BACKENDS, DEVICES, DTYPES, KEEP_MODES, STATE_POLICIES, SWITCH_MODES
+# How the command line spells the value of an option with this check (an option's ``parse`` overrides it).
+CONVERT = {options.positive_int: int, options.non_negative_int: int, options.positive_float: float,
+           options.non_negative_float: float, options.count_or_all: _int_or_all, options.prefix_list: _prefixes}
+SPELLING = {options.prefix_list: "comma-separated, 'none' for none"}  # said in --help where the check is not
 
+
+def _argument_type(field: dataclasses.Field):
+    """argparse's ``type`` for an option: the text converted, then judged by the option's own check.
+    (A check names what it wants for any value it refuses, None included.)"""
+    check = field.metadata["check"]
+    convert = field.metadata["parse"] or CONVERT[check]
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {check(None)}, got {text!r}") from None
+        wanted = check(value)
+        if wanted is not None:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+def count_or_all(text: str) -> Union[int, str]:
+    """``--keep-activations``' value: a non-negative integer or ``all`` (for other command lines too)."""
+    return _argument_type(FIELDS["keep_activations"])(text)
+
+
+def _shown(value) -> str:
+    return "none" if value == [] else str(value)
+
+
+def _help(field: dataclasses.Field) -> str:
+    """The option's help, with how the command line spells it and its default (where not in the help)."""
+    text = field.metadata["help"]
+    if field.metadata["check"] in SPELLING:
+        text += f" ({SPELLING[field.metadata['check']]})"
+    if field.name in EMBEDDED_DEFAULTS:
+        embedded, pretrained = EMBEDDED_DEFAULTS[field.name], PRETRAINED_DEFAULTS[field.name]
+        text += " (default: job)" if embedded != pretrained else f" (default: {_shown(embedded)})"
+    elif field.default is not None and not isinstance(field.default, bool) and "default:" not in text:
+        text += f" (default: {_shown(field.default)})"
+    return text.replace("%", "%%")
+
+
+def _add_option(group, field: dataclasses.Field) -> None:
+    meta = field.metadata
+    kwargs = dict(dest=field.name, help=_help(field))
+    if meta["metavar"]:
+        kwargs["metavar"] = meta["metavar"]
+    if meta["check"] is options.boolean:  # --flag (default off), --no-flag (default on), both (None: the job's)
+        kwargs["action"] = {False: "store_true", True: "store_false", None: argparse.BooleanOptionalAction}[
+            field.default]
+    elif meta["choices"] is not None:
+        kwargs["choices"] = meta["choices"]
+    elif meta["check"] is not None or meta["parse"] is not None:
+        kwargs["type"] = _argument_type(field)
+    group.add_argument(flag_of(field), **kwargs)
+
+
+def _job_defaults(defaults: dict) -> str:
+    """The options that differ between the two jobs, as a command line would set them."""
+    shown = []
+    for name, value in defaults.items():
+        if EMBEDDED_DEFAULTS[name] != PRETRAINED_DEFAULTS[name]:
+            flag = flag_of(FIELDS[name])
+            shown.append(flag if value is True else flag.replace("--", "--no-", 1) if value is False
+                         else f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    return ", ".join(shown)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, made from ``TrainConfig``'s declarations (one argument group per section)."""
     p = _Parser(
         prog=PROG,
         description="Full-parameter fine-tuning of LLMs by block coordinate descent with Adam (BAdam). "
                     "With no arguments: train the embedded tiny Llama on the shipped Shakespeare excerpt.",
         epilog=f"'{PROG} info' prints the version, torch/triton versions, the device and the kernel "
-               "backends. Defaults marked 'job' differ between the embedded model (learning from "
-               "scratch: batch 16, seq 128, lr 2e-3, switch every 20, the embedding and lm_head + final norm "
-               "each a block of their own) and --model (fine-tuning: batch 8, seq 512, lr 1e-5, switch "
-               "every 50, one block per layer, as BAdam).",
+               "backends. Defaults marked 'job' differ between the embedded model (learning from scratch: "
+               f"{_job_defaults(EMBEDDED_DEFAULTS)}) and --model (fine-tuning: "
+               f"{_job_defaults(PRETRAINED_DEFAULTS)}, as BAdam).",
         argument_default=argparse.SUPPRESS,  # unset options stay unset: --resume must know what was given
     )
-    g = p.add_argument_group("job")
-    g.add_argument("--model", metavar="PATH",
-                   help="a local Hugging Face model folder or a .gguf file (nothing is downloaded); a folder "
-                        "without tokenizer files is read with the byte tokenizer. Default: the embedded tiny Llama")
-    g.add_argument("--data", metavar="FILE",
-                   help="a .jsonl file of instruction/response (or prompt/completion) pairs, loss on the "
-                        "responses only; or a text file. Default: the shipped Shakespeare excerpt")
-    g.add_argument("--steps", metavar="N", type=_positive_int,
-                   help="steps to run (on --resume: more steps). Default: 400 on the shipped text, one "
-                        "pass over a --data file; on --resume: up to the step the run was heading to")
-    g.add_argument("--out", metavar="DIR", help="run folder (default: runs/<timestamp>/)")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR, exactly")
-    t = p.add_argument_group("training")
-    t.add_argument("--batch-size", metavar="N", type=_positive_int, help="sequences per step (default: job)")
-    t.add_argument("--seq-len", metavar="N", type=_positive_int, help="tokens per sequence (default: job)")
-    t.add_argument("--lr", metavar="LR", type=_positive_float, help="learning rate (default: job)")
-    t.add_argument("--weight-decay", metavar="WD", type=_non_negative_float, help="AdamW weight decay (default: 0)")
-    t.add_argument("--warmup-steps", metavar="N", type=_non_negative_int, help="linear LR warm-up steps (default: 0)")
-    t.add_argument("--max-grad-norm", metavar="NORM", type=_non_negative_float,
-                   help="clip the active block's gradient norm; 0: no clipping (default: 1.0)")
-    t.add_argument("--seed", metavar="N", type=_non_negative_int, help="seed of the model init and the data order (default: 0)")
-    t.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: bf16 on a GPU, fp32 on the CPU)")
-    t.add_argument("--device", choices=DEVICES, help="where to train (default: auto, the GPU if there is one)")
-    t.add_argument("--shard", action="store_true",
-                   help="under torchrun: shard the model and the optimizer states over the processes with "
-                        "FSDP2, each holding 1/N of every layer (default: data parallel, each a whole copy); "
-                        "checkpoints then resume on any number of processes; cannot change on --resume")
-    b = p.add_argument_group("BAdam")
-    b.add_argument("--switch-every", metavar="N", type=_positive_int, help="steps per block (default: job)")
-    b.add_argument("--switch-mode", choices=SWITCH_MODES, help="block order (default: descending)")
-    b.add_argument("--start-block", metavar="K", type=_non_negative_int, help="first block (needed by --switch-mode fixed)")
-    b.add_argument("--state-policy", choices=STATE_POLICIES,
-                   help="optimizer states at a switch: reset (BAdam) or offload to host memory (HiFT) "
-                        "(default: reset)")
-    b.add_argument("--include-embedding", action=argparse.BooleanOptionalAction,
-                   help="give the embedding a block of its own (default: job)")
-    b.add_argument("--include-lm-head", action=argparse.BooleanOptionalAction,
-                   help="give lm_head and the final norm a block of their own (default: job)")
-    b.add_argument("--active-modules", type=_prefix_list, metavar="PREFIXES",
-                   help="comma-separated parameter-name prefixes trained with every block; 'none' for none "
-                        "(default: none)")
-    b.add_argument("--backend", choices=BACKENDS, help="kernel backend (default: auto, the fastest available)")
-    b.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    b.add_argument("--keep-activations", metavar="N|all", type=count_or_all,
-                   help="the top N layers from the active block up skip gradient checkpointing: they keep "
-                        "their activations instead of recomputing them (faster backward, more memory); 'all' "
-                        "for every layer from the active block up; only with --grad-checkpointing (default: 0)")
-    b.add_argument("--keep-mode", choices=KEEP_MODES,
-                   help="what the --keep-activations layers keep: all their activations, or only the outputs of "
-                        "matrix products and attention, recomputing the elementwise operations (less memory, but "
-                        "measured slower than fewer kept layers) (default: all)")
-    b.add_argument("--compile", action="store_true",
-                   help="torch.compile each layer (fused elementwise work, fewer launches: 1.24x tokens/s on the "
-                        "Llama-3-8B shape, 1.42x at 1.2B, measured on an H200); the first steps of the first "
-                        "blocks take a few seconds more to compile")
-    o = p.add_argument_group("output")
-    o.add_argument("--log-every", metavar="N", type=_positive_int, help="a log line every N steps (default: 50)")
-    o.add_argument("--save-every", metavar="N", type=_non_negative_int,
-                   help="also checkpoint every N steps; 0: only at the end (default: 0)")
-    o.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    o.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    groups = {name: p.add_argument_group(name) for name in GROUPS}
+    for field in FIELDS.values():
+        if field.metadata["cli"]:
+            _add_option(groups[field.metadata["group"]], field)
+    groups["output"].add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return p
 
 
@@ -248,7 +221,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         except SystemExit as exc:  # --help / --version
             return int(exc.code or 0)
         given = vars(args)
-        from .loop import TrainConfig, train
+        from .loop import train
 
         _quiet_libraries()
         summary = train(TrainConfig(**given), given=set(given))

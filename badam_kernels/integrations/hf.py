@@ -36,62 +36,39 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from transformers import Trainer, TrainerCallback
 
 from .. import BlockOptimizer, compile_layers, is_truncated, truncate_backward
+from ..options import BAdamOptions, with_default
 
 __all__ = ["BAdamConfig", "BAdamTrainer", "FreeBlockGradsCallback", "make_badam_optimizer"]
 
 
 @dataclass
-class BAdamConfig:
-    """The BlockOptimizer arguments that are not AdamW's (see ``BlockOptimizer`` for each)."""
+class BAdamConfig(BAdamOptions):
+    """``BAdamOptions`` (the BlockOptimizer's options and the truncation knobs), silent by default: the
+    Trainer logs. ``max_grad_norm`` is the BlockOptimizer's fused clipping; under the Trainer use
+    ``TrainingArguments.max_grad_norm``. ``seed``: ``BAdamTrainer`` uses ``args.seed`` when None."""
 
-    switch_block_every: int = 50
-    switch_mode: str = "descending"
-    start_block: Optional[int] = None
-    block_prefix_list: Optional[List[List[str]]] = None  # None: one block per layer
-    active_modules: Optional[List[str]] = None
-    include_embedding: bool = False
-    include_lm_head: bool = False
-    state_policy: str = "reset"
-    backend: Optional[str] = None
-    master_weights: bool = True
-    state_dtype: torch.dtype = torch.float32
-    max_grad_norm: Optional[float] = None  # the BlockOptimizer's fused clipping; under the Trainer use args.max_grad_norm
-    skip_nonfinite: bool = True
-    prefetch_steps: int = 1
-    seed: Optional[int] = None  # random block order; BAdamTrainer uses args.seed when None
-    truncate: bool = True  # install truncate_backward on the model
-    keep_activations: object = 0  # truncate_backward's: top layers that skip checkpointing (int or "all")
-    keep_mode: str = "all"  # truncate_backward's: what those layers keep ("all" or "matmuls")
-    compile_layers: bool = False  # torch.compile each layer of the stack (badam_kernels.compile_layers)
-    verbose: int = 0
+    verbose: int = with_default(BAdamOptions, "verbose", 0)
 
 
-def make_badam_optimizer(model: torch.nn.Module, config: Optional[BAdamConfig] = None,
+def make_badam_optimizer(model: torch.nn.Module, config: Optional[BAdamOptions] = None,
                          **adamw_kwargs) -> BlockOptimizer:
-    """A ``BlockOptimizer`` over ``torch.optim.AdamW(model.parameters(), **adamw_kwargs)``.
+    """A ``BlockOptimizer`` over ``torch.optim.AdamW(model.parameters(), **adamw_kwargs)`` with
+    ``config``'s options (a :class:`BAdamConfig` or any ``BAdamOptions``; default ``BAdamConfig()``).
 
-    Also installs ``truncate_backward(model, keep_activations=config.keep_activations)`` (once;
+    Also installs ``truncate_backward(model, keep_activations=..., keep_mode=...)`` (once;
     ``config.truncate=False`` skips it) and, with ``config.compile_layers``, compiles each layer
     (regional compilation; leave the Trainer's ``torch_compile`` off, it compiles the whole model). Build it
     after the model is on its device and before handing it to a Trainer or ``accelerator.prepare``.
     """
     config = config or BAdamConfig()
     base = torch.optim.AdamW(model.parameters(), **adamw_kwargs)
-    optimizer = BlockOptimizer(
-        base, list(model.named_parameters()), block_prefix_list=config.block_prefix_list,
-        switch_block_every=config.switch_block_every, start_block=config.start_block,
-        switch_mode=config.switch_mode, active_modules=config.active_modules,
-        include_embedding=config.include_embedding, include_lm_head=config.include_lm_head,
-        verbose=config.verbose, state_policy=config.state_policy, backend=config.backend,
-        master_weights=config.master_weights, state_dtype=config.state_dtype,
-        max_grad_norm=config.max_grad_norm, skip_nonfinite=config.skip_nonfinite,
-        prefetch_steps=config.prefetch_steps, seed=config.seed)
+    optimizer = BlockOptimizer(base, list(model.named_parameters()), **config.optimizer_kwargs())
     if config.truncate and not is_truncated(model):
         truncate_backward(model, keep_activations=config.keep_activations, keep_mode=config.keep_mode)
     if config.compile_layers:
@@ -122,13 +99,13 @@ class FreeBlockGradsCallback(TrainerCallback):
 class BAdamTrainer(Trainer):
     """``transformers.Trainer`` that trains with ``BlockOptimizer`` over ``torch.optim.AdamW``.
 
-    ``badam``: a :class:`BAdamConfig` (default: ``BAdamConfig()``). AdamW takes ``learning_rate``,
+    ``badam``: a :class:`BAdamConfig` or ``BAdamOptions`` (default: ``BAdamConfig()``). AdamW takes ``learning_rate``,
     ``adam_beta1/2``, ``adam_epsilon`` and ``weight_decay`` from the ``TrainingArguments``; ``optim``
     is not consulted. The LR scheduler, ``max_grad_norm``, ``gradient_accumulation_steps``,
     checkpointing and ``resume_from_checkpoint`` are the Trainer's own.
     """
 
-    def __init__(self, *args, badam: Optional[BAdamConfig] = None, **kwargs):
+    def __init__(self, *args, badam: Optional[BAdamOptions] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.badam_config = badam or BAdamConfig()
         if not self.args.optim.startswith("adamw_torch"):

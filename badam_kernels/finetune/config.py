@@ -1,0 +1,217 @@
+"""The main job's configuration: ``TrainConfig``, its checks, the job's defaults and the resumed run's config.
+
+Every field is an option declared once (``badam_kernels.options.option``): its default, help text,
+choices and check, the command-line flag, its section of ``--help`` and whether ``--resume`` may
+change it. The BAdam fields are ``BAdamOptions``' own declarations, with the job's defaults where
+they differ; the command line (``cli.py``) is generated from the fields, and :func:`badam_options`
+turns a configuration into the optimizer's options.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from ..options import (BAdamOptions, boolean, declared, flag_of, non_negative_float, non_negative_int, option,
+                       positive_float, positive_int, with_default)
+from ..options import validate as validate_options
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the model's; None: bf16 on a GPU, fp32 on the CPU
+DEVICES = ("auto", "cpu", "cuda")
+GROUPS = ("job", "training", "BAdam", "output")  # the sections of --help, in order
+
+# Defaults that depend on the job: the embedded tiny model learns from scratch (large steps, embedding
+# and lm_head trained too); a pretrained --model is fine-tuned (small steps, layers only, as in BAdam).
+EMBEDDED_DEFAULTS = dict(batch_size=16, seq_len=128, lr=2e-3, switch_block_every=20, include_embedding=True,
+                         include_lm_head=True, active_modules=[])
+PRETRAINED_DEFAULTS = dict(batch_size=8, seq_len=512, lr=1e-5, switch_block_every=50, include_embedding=False,
+                           include_lm_head=False, active_modules=[])
+EMBEDDED_DATA_STEPS = 400  # steps on the shipped text; a --data file gets one pass by default
+DEFAULT_SOURCES = dict(model="the embedded tiny Llama", data="the shipped Shakespeare excerpt")  # what None means
+RENAMED = dict(switch_every="switch_block_every", compile="compile_layers")  # in run folders of version 0.1.0
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which option and why."""
+
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """An exception's message on one line, cut to ``limit`` characters (for a ConfigError)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _badam(name: str, group: str = "BAdam", **changes) -> Any:
+    """``BAdamOptions``' declaration of ``name`` (``default=``: the job's default instead of its own)."""
+    declaration = next(f for f in dataclasses.fields(BAdamOptions) if f.name == name)
+    return with_default(BAdamOptions, name, changes.pop("default", declaration.default), group=group, **changes)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. ``None`` means: the default for this job (see ``EMBEDDED_DEFAULTS``)."""
+
+    # job
+    model: Optional[str] = option(None, "a local Hugging Face model folder or a .gguf file (nothing is "
+                                  "downloaded); a folder without tokenizer files is read with the byte tokenizer. "
+                                  "Default: the embedded tiny Llama", none=True, metavar="PATH", group="job")
+    data: Optional[str] = option(None, "a .jsonl file of instruction/response (or prompt/completion) pairs, loss "
+                                 "on the responses only; or a text file. Default: the shipped Shakespeare excerpt",
+                                 none=True, metavar="FILE", group="job")
+    steps: Optional[int] = option(None, f"steps to run (on --resume: more steps). Default: {EMBEDDED_DATA_STEPS} on "
+                                  "the shipped text, one pass over a --data file; on --resume: up to the step the "
+                                  "run was heading to", check=positive_int, none=True, metavar="N", group="job",
+                                  resume_may_change=True)
+    out: Optional[str] = option(None, "run folder (default: runs/<timestamp>/)", none=True, metavar="DIR",
+                                group="job", resume_may_change=True)
+    resume: Optional[str] = option(None, "continue the run saved in RUN_DIR, exactly", none=True, metavar="RUN_DIR",
+                                   group="job", resume_may_change=True)
+    # training
+    batch_size: Optional[int] = option(None, "sequences per step", check=positive_int, none=True, metavar="N",
+                                       group="training")
+    seq_len: Optional[int] = option(None, "tokens per sequence", check=positive_int, none=True, metavar="N",
+                                    group="training")
+    lr: Optional[float] = option(None, "learning rate", check=positive_float, none=True, metavar="LR",
+                                 group="training")
+    weight_decay: float = option(0.0, "AdamW weight decay", check=non_negative_float, metavar="WD", group="training")
+    warmup_steps: int = option(0, "linear LR warm-up steps, then constant", check=non_negative_int, metavar="N",
+                               group="training")
+    max_grad_norm: float = _badam("max_grad_norm", group="training", default=1.0, none=False,
+                                  check=non_negative_float, help="clip the active block's gradients to this "
+                                  "global L2 norm (fused); 0: no clipping")
+    seed: int = option(0, "seed of the model init, the data order and the random block order",
+                       check=non_negative_int, metavar="N", group="training")
+    dtype: Optional[str] = option(None, "model dtype (default: bf16 on a GPU, fp32 on the CPU)", choices=tuple(DTYPES),
+                                  none=True, group="training")
+    device: str = option("auto", "where to train; auto: the GPU if there is one", choices=DEVICES, group="training",
+                         resume_may_change=True)
+    shard: bool = option(False, "under torchrun: shard the model and the optimizer states over the processes with "
+                         "FSDP2, each holding 1/N of every layer (default: data parallel, each a whole copy); "
+                         "checkpoints then resume on any number of processes; cannot change on --resume",
+                         check=boolean, group="training")
+    # BAdam
+    switch_block_every: Optional[int] = _badam("switch_block_every", default=None, none=True)
+    switch_mode: str = _badam("switch_mode")
+    start_block: Optional[int] = _badam("start_block")
+    state_policy: str = _badam("state_policy")
+    include_embedding: Optional[bool] = _badam("include_embedding", default=None, none=True)
+    include_lm_head: Optional[bool] = _badam("include_lm_head", default=None, none=True)
+    active_modules: Optional[List[str]] = _badam("active_modules")
+    backend: str = _badam("backend", default="auto", none=False, resume_may_change=True)
+    grad_checkpointing: bool = option(False, "recompute the layers' activations in backward (Hugging Face "
+                                      "gradient checkpointing)", check=boolean, group="BAdam")
+    keep_activations: Union[int, str] = _badam("keep_activations")
+    keep_mode: str = _badam("keep_mode")
+    compile_layers: bool = _badam("compile_layers")
+    # output
+    log_every: int = option(50, "a log line every N steps", check=positive_int, metavar="N", group="output",
+                            resume_may_change=True)
+    save_every: int = option(0, "also checkpoint every N steps; 0: only at the end", check=non_negative_int,
+                             metavar="N", group="output", resume_may_change=True)
+    progress: bool = option(True, "a progress bar on stderr, or none with --no-progress", check=boolean,
+                            flag="--no-progress", group="output", resume_may_change=True)
+
+
+FIELDS = {f.name: f for f in declared(TrainConfig)}
+RESUME_MAY_CHANGE = tuple(name for name, f in FIELDS.items() if f.metadata["resume_may_change"])
+
+
+def badam_options(cfg: TrainConfig) -> BAdamOptions:
+    """The optimizer's options of a resolved configuration: its BAdam fields (and ``seed``), silent."""
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(BAdamOptions) if f.name in FIELDS}
+    shared.update(backend=None if cfg.backend == "auto" else cfg.backend, max_grad_norm=cfg.max_grad_norm or None,
+                  verbose=0)
+    return BAdamOptions(**shared)
+
+
+# ------------------------------------------------------------------------------------ checks
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject values that cannot work, naming the option: each field's own check, then the rules
+    between fields and the paths."""
+    validate_options(cfg, cli=True, error=ConfigError)
+    require(cfg.seq_len is None or cfg.seq_len >= 2, f"--seq-len must be at least 2, got {cfg.seq_len}: each "
+            "token is trained to predict the next one, so a sequence of 1 token has no target")
+    require(cfg.switch_mode != "fixed" or cfg.start_block is not None,
+            "--switch-mode fixed needs --start-block (the block to train)")
+    require(cfg.keep_activations == 0 or cfg.grad_checkpointing, "--keep-activations only applies with "
+            "--grad-checkpointing (without it every layer keeps its activations anyway)")
+    if cfg.model is not None:
+        require(os.path.exists(cfg.model), f"model not found: {cfg.model} (give a local Hugging Face "
+                "model folder or a .gguf file; nothing is downloaded)")
+        require(os.path.isdir(cfg.model) or cfg.model.lower().endswith(".gguf"),
+                f"--model {cfg.model}: a model file must be a .gguf file (or give a model folder)")
+        require(not os.path.isdir(cfg.model) or os.path.isfile(os.path.join(cfg.model, "config.json")),
+                f"--model {cfg.model}: no config.json, not a Hugging Face model folder")
+    if cfg.data is not None:
+        require(os.path.exists(cfg.data), f"data file not found: {cfg.data}")
+        require(os.path.isfile(cfg.data), f"--data {cfg.data}: not a file")
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill in the job-dependent defaults (not ``steps``: that needs the data) and absolutise paths."""
+    validate(cfg)
+    defaults = EMBEDDED_DEFAULTS if cfg.model is None else PRETRAINED_DEFAULTS
+    changes = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
+    for name in ("model", "data"):
+        if getattr(cfg, name) is not None:
+            changes[name] = os.path.abspath(getattr(cfg, name))
+    return dataclasses.replace(cfg, **changes)
+
+
+# ------------------------------------------------------------------------------------ resume
+
+def config_for_resume(cfg: TrainConfig, given: Optional[set]) -> TrainConfig:
+    """The saved run's configuration, with the options that may change taken from ``cfg``.
+
+    ``given`` names the options the user set explicitly (the CLI knows); from Python, any field that
+    differs from the TrainConfig default counts as given.
+    """
+    from .checkpoint import checkpoint_dir
+
+    run_dir = cfg.resume
+    saved = saved_config(run_dir)
+    checkpoint_dir(run_dir, saved.shard)  # there is one to resume from
+    if given is None:
+        default = TrainConfig()
+        given = {name for name in FIELDS if getattr(cfg, name) != getattr(default, name)}
+    for name in sorted(given - set(RESUME_MAY_CHANGE)):
+        mine, theirs = getattr(cfg, name), getattr(saved, name)
+        if name in ("model", "data") and mine is not None:
+            mine = os.path.abspath(mine)
+        require(mine == theirs, f"{flag_of(FIELDS[name])} cannot change on --resume "
+                f"(the run used {_shown(name, theirs)}, got {_shown(name, mine)})")
+    changes = {name: getattr(cfg, name) for name in RESUME_MAY_CHANGE if name in given}
+    changes["resume"] = run_dir
+    changes.setdefault("steps", None)  # not given: run up to the step the saved run was heading to
+    changes.setdefault("out", None)  # not given: write into the resumed folder (wherever it is now)
+    return dataclasses.replace(saved, **changes)
+
+
+def saved_config(run_dir: str) -> TrainConfig:
+    """The configuration a run folder's ``config.json`` holds (written by this or an older version)."""
+    path = os.path.join(run_dir, "config.json")
+    require(os.path.isdir(run_dir), f"--resume {run_dir}: no such run folder")
+    require(os.path.isfile(path), f"--resume {run_dir}: no config.json, not a run folder")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved: Dict[str, Any] = {RENAMED.get(k, k): v for k, v in json.load(f).items()}
+        return TrainConfig(**{k: v for k, v in saved.items() if k in FIELDS})
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"--resume {run_dir}: unreadable config.json ({exc})") from None
+
+
+def _shown(name: str, value: Any) -> str:
+    """An option's value in a message: what ``None`` stands for where it means the job's default."""
+    if value is None and name in DEFAULT_SOURCES:
+        return DEFAULT_SOURCES[name]
+    return repr(value)

@@ -1,0 +1,154 @@
+"""Where and how the job runs: the device, one process or the ranks of a ``torchrun`` job, the
+optimizer class that fits (one process, data parallel, FSDP2-sharded), and the few collectives the
+loop needs (rank 0's run folder on every rank, the loss and the stop request agreed over the ranks).
+
+Under ``torchrun`` each rank takes its rows of every global batch and rank 0 reports and writes. By
+default every rank holds the whole model (data parallel); ``shard=True`` shards the model and the
+optimizer states over the ranks with FSDP2 (``badam_kernels.parallel.fsdp``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+from typing import Tuple
+
+import torch
+
+from .config import ConfigError, TrainConfig, one_line, require
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    require(name != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def processes(cfg: TrainConfig) -> Tuple[int, int, torch.device]:
+    """(rank, world size, device): one process, or the ranks of a ``torchrun`` job; ``shard`` always
+    joins a process group (of one process, without torchrun)."""
+    device = pick_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not cfg.shard:
+        return 0, 1, device
+    require(torch.distributed.is_available(), "--shard and torchrun need torch.distributed, which this "
+            "torch build lacks")
+    from ..parallel.data_parallel import init_distributed
+
+    rank, world, device = init_distributed("gloo" if device.type == "cpu" else None)
+    require(cfg.batch_size % world == 0,
+            f"--batch-size {cfg.batch_size} must divide evenly over the {world} processes of the job")
+    return rank, world, device
+
+
+def check_backend(name: str, device: torch.device) -> None:
+    """A forced ``--backend`` runs on ``device``, or the job stops before the model loads."""
+    if name == "auto":
+        return
+    from .. import ops
+
+    try:
+        ops.resolve_backend(name, device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"--backend {name}: {one_line(exc)}") from None
+
+
+def optimizer_class(shard: bool, world: int):
+    """(class, extra arguments) of the job's optimizer: sharded (FSDP2), data parallel or one process."""
+    if shard:
+        from ..parallel.fsdp import ShardedBlockOptimizer
+
+        return ShardedBlockOptimizer, {}
+    if world == 1:
+        from .. import BlockOptimizer
+
+        return BlockOptimizer, {}
+    from ..parallel.data_parallel import DataParallelBlockOptimizer
+
+    return DataParallelBlockOptimizer, {"sync_module_states": True}
+
+
+def shard_model(model: torch.nn.Module, device: torch.device, world: int) -> None:
+    """``parallel.fsdp.shard_model`` over a mesh of every process of the job, on the job's device type.
+
+    Every rank built the same weights (the same seed, or the same files), so each keeps its shard of
+    its own copy; there is nothing to broadcast.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ..parallel.fsdp import shard_model as fully_shard_model
+
+    fully_shard_model(model, mesh=init_device_mesh(device.type, (world,)))
+
+
+def on_every_rank(value, world: int):
+    """Rank 0's ``value`` (a picklable object) on every rank of the job."""
+    if world == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rows_of_rank(batch, rank: int, world: int):
+    """This rank's rows of the global batch (all of it in a single process)."""
+    if world == 1:
+        return batch
+    rows = batch.input_ids.shape[0] // world
+    take = slice(rank * rows, (rank + 1) * rows)
+    mask = None if batch.attention_mask is None else batch.attention_mask[take]
+    return dataclasses.replace(batch, input_ids=batch.input_ids[take], labels=batch.labels[take],
+                               attention_mask=mask)
+
+
+def agree_over_ranks(loss: torch.Tensor, stop_requested: bool, world: int) -> Tuple[float, bool]:
+    """The loss of the global batch (mean of the ranks' shard losses), for the log, and whether any
+    rank was asked to stop: in one all-reduce, so that every rank stops after the same step (a rank
+    stopping alone would leave the others waiting in a collective)."""
+    if world == 1:
+        return loss.item(), stop_requested
+    import torch.distributed as dist
+
+    both = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(stop_requested), device=loss.device)])
+    dist.all_reduce(both)
+    return (both[0] / world).item(), bool(both[1] > 0)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: allocated CUDA memory on a GPU, the process' peak resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+class StopFlag:
+    """Ctrl-C asks the loop to stop after the current step and save (a second Ctrl-C interrupts at once)."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = None
+
+    def __enter__(self):
+        if hasattr(signal, "SIGINT") and _in_main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
