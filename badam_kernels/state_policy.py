@@ -26,6 +26,9 @@ class ResetStates:
 
     name = "reset"
 
+    def __init__(self):
+        self.park_of_states = StatePark()  # stays empty: nothing is ever parked
+
     def reserve(self, num_blocks: int, state_layout: Callable[[int], List[Tuple[Specs, torch.device]]]) -> None:
         pass
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from badam_kernels import BlockOptimizer
-from badam_kernels.block_state import StatePark
+from badam_kernels.state_policy import StatePark
 from helpers import make, max_rel_diff, persistent_per_block_adamw, snapshot, train
 
 pytestmark = pytest.mark.gpu

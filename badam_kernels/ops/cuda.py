@@ -72,10 +72,11 @@ def _int64(seed: int) -> int:
 def adamw_step(args: AdamWStepArgs) -> Optional[Tensor]:
     device = args.param.device
     grad_scale = None if args.grad_scale is None else _device_scalar(args.grad_scale, device)
+    found_inf = None if args.found_inf is None else _device_scalar(args.found_inf, device)  # a float is allowed too
     norm = torch.ops.badam_kernels.adamw_step(
         args.param, args.grad, args.master, args.exp_avg, args.exp_avg_sq, args.step,
         _device_scalar(args.lr, device), args.beta1, args.beta2, args.eps, args.weight_decay,
-        args.decay_numel, grad_scale, args.found_inf,
+        args.decay_numel, grad_scale, found_inf,
         0.0 if args.max_grad_norm is None else float(args.max_grad_norm), args.check_finite, _int64(args.seed),
     )
     return norm if args.needs_norm else None
