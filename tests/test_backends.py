@@ -789,3 +789,19 @@ def test_block_optimizer_on_the_backend_matches_the_reference_run(target, dtype,
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         else:  # bf16 weights may differ where fp32 noise flips a rounding: at most one ulp
             assert ((a.double() - b.double()).abs() <= ulp(b, BF16) * 1.001).all()
+
+
+def test_auto_dispatch_picks_the_backend_measured_fastest_for_the_layout():
+    """bench_step on the H200: CUDA for stochastic rounding with bf16 moments, Triton for the rest."""
+    def layout(param_dtype, master, state_dtype):
+        n = 128
+        param = torch.zeros(n, dtype=param_dtype)
+        return ops.pack_adamw_args(param, torch.zeros(n, dtype=param_dtype), torch.zeros(n) if master else None,
+                                   torch.zeros(n, dtype=state_dtype), torch.zeros(n, dtype=state_dtype),
+                                   torch.zeros(1), lr=1e-3)
+
+    assert ops._fastest_for(layout(BF16, False, BF16))[0] == "cuda"
+    for case in [(BF16, True, FP32), (BF16, True, BF16), (BF16, False, FP32), (FP32, False, FP32)]:
+        assert ops._fastest_for(layout(*case))[0] == "triton", case
+    # on CPU tensors the automatic choice stays the reference, whatever the layout
+    assert ops.resolve_backend(None, "cpu", ops._fastest_for(layout(BF16, False, BF16))).NAME == "reference"

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Dict, Optional, cast
+from typing import Dict, Optional, Sequence, cast
 
 import torch
 
 from .interface import AdamWStepArgs, Backend, pack_adamw_args  # noqa: F401  (re-exported)
+from .interface import MASKED_TILE, MaskedAdamWStepArgs, pack_masked_adamw_args  # noqa: F401  (re-exported)
 
 BACKEND_NAMES = ("triton", "cuda", "reference")  # auto: the first that runs (fastest on H200)
 _MODULES = {"reference": ".reference", "triton": ".triton_adamw", "cuda": ".cuda"}
@@ -48,8 +49,10 @@ def _runs_on(module: Backend, device: torch.device) -> bool:
     return bool(supports(device))
 
 
-def resolve_backend(name: Optional[str] = None, device: Optional[torch.device] = None) -> Backend:
-    """The backend (its module) to use: ``name`` (or the environment variable), else the fastest for ``device``."""
+def resolve_backend(name: Optional[str] = None, device: Optional[torch.device] = None,
+                    fastest_first: Sequence[str] = BACKEND_NAMES) -> Backend:
+    """The backend (its module) to use: ``name`` (or the environment variable), else the first of
+    ``fastest_first`` that runs on ``device``."""
     name = (name or os.environ.get(ENV_VAR) or "auto").lower()
     device = torch.device(device) if device is not None else torch.device("cpu")
     if name != "auto":
@@ -60,7 +63,7 @@ def resolve_backend(name: Optional[str] = None, device: Optional[torch.device] =
             raise RuntimeError(f"backend {name!r} does not run on {device.type} tensors")
         return module
     # CPU tensors: the reference (Triton runs there only through its interpreter, a testing aid)
-    candidates = BACKEND_NAMES if device.type != "cpu" else ("reference",)
+    candidates = fastest_first if device.type != "cpu" else ("reference",)
     for candidate in candidates:
         module = load_backend(candidate)
         if module is not None and _runs_on(module, device):
@@ -84,7 +87,17 @@ def adamw_step(*tensors, backend: Optional[str] = None, **kwargs):
     fp32 tensor) when it was computed, else None.
     """
     args = pack_adamw_args(*tensors, **kwargs)
-    return resolve_backend(backend, args.param.device).adamw_step(args)
+    return resolve_backend(backend, args.param.device, _fastest_for(args)).adamw_step(args)
+
+
+def _fastest_for(args: AdamWStepArgs) -> Sequence[str]:
+    """The automatic choice per state layout, as measured (``benchmarks/bench_step.py`` on the H200,
+    ``benchmarks/results/bench_step_h200_2026-12-05.json``): Triton is the fastest for every layout
+    but bf16 parameters without a master and bf16 moments (stochastic rounding, 14 bytes per
+    parameter), where its kernel reaches 2.8 TB/s and the CUDA one 3.9 (0.78 against 1.08 ms a layer)."""
+    if args.stochastic_rounding and args.exp_avg.dtype == torch.bfloat16:
+        return ("cuda", "triton", "reference")
+    return BACKEND_NAMES
 
 
 def init_state(param, master, exp_avg, exp_avg_sq, backend: Optional[str] = None) -> None:
@@ -93,3 +106,42 @@ def init_state(param, master, exp_avg, exp_avg_sq, backend: Optional[str] = None
 
     check_state_buffers(param, master, exp_avg, exp_avg_sq)
     resolve_backend(backend, param.device).init_state(param, master, exp_avg, exp_avg_sq)
+
+
+def resolve_op_backend(op: str, name: Optional[str] = None, device: Optional[torch.device] = None) -> Backend:
+    """The backend to run the optional op ``op`` (e.g. ``masked_adamw_step``) on ``device``.
+
+    A backend named by the argument must have the op (else a RuntimeError says so); otherwise (the
+    environment variable or ``auto``) the choice falls through to the next backend that has it, so
+    forcing ``cuda`` for the whole run still runs the ops only Triton and the reference implement.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if name is not None and name.lower() != "auto":
+        module = resolve_backend(name, device)
+        if not hasattr(module, op):
+            raise RuntimeError(f"backend {name!r} does not implement {op}")
+        return module
+    try:
+        module = resolve_backend(None, device)
+        if hasattr(module, op):
+            return module
+    except RuntimeError:
+        pass  # the environment forces a backend that cannot run here: fall through, as for a missing op
+    candidates = BACKEND_NAMES if device.type != "cpu" else ("reference",)
+    for candidate in candidates:
+        module = load_backend(candidate)
+        if module is not None and hasattr(module, op) and _runs_on(module, device):
+            return module
+    raise RuntimeError(f"no backend implements {op} on {device}")
+
+
+def masked_adamw_step(*tensors, backend: Optional[str] = None, **kwargs) -> None:
+    """One masked Adam step (the ratio mode): gather the masked entries' gradients, update their
+    master, m and v, scatter the new values into the parameters, in one launch per tile range; see
+    ``interface.MaskedAdamWStepArgs``.
+
+    Positional: ``param, grad, index, master, exp_avg, exp_avg_sq, tile_base, tile_step``.
+    """
+    args = pack_masked_adamw_args(*tensors, **kwargs)
+    if args.num_tiles:
+        resolve_op_backend("masked_adamw_step", backend, args.param.device).masked_adamw_step(args)

@@ -94,7 +94,10 @@ class Backend(Protocol):
 
     * ``unavailable_reason() -> str | None``: why the backend cannot run in this process (a missing
       ``triton``, an unbuilt extension, no CUDA device), or None; default: always available;
-    * ``supports_device(device) -> bool``: whether it runs on tensors of ``device``; default: any device.
+    * ``supports_device(device) -> bool``: whether it runs on tensors of ``device``; default: any device;
+    * ``masked_adamw_step(args: MaskedAdamWStepArgs) -> None``: the ratio mode's update of a
+      parameter's masked entries (see ``MaskedAdamWStepArgs``); ``ops.masked_adamw_step`` dispatches
+      only to backends that have it (``SupportsMaskedAdamW``).
     """
 
     NAME: str
@@ -176,3 +179,111 @@ def pack_adamw_args(
                          float(weight_decay), decay_numel, grad_scale, found_inf, max_grad_norm,
                          bool(check_finite), int(seed))
 
+
+
+# ------------------------------------------------------------------------------------------------
+# The ratio mode's op: Adam on a fraction of each parameter's entries (``ratio.BlockOptimizerRatio``)
+# ------------------------------------------------------------------------------------------------
+
+MASKED_TILE = 1024
+"""Entries per tile of the compact (masked) buffers: every tile belongs to one parameter, whose
+masked entries fill whole tiles, the last one padded with index -1. The layout is part of the
+contract, the same for every backend."""
+
+
+@dataclass
+class MaskedAdamWStepArgs:
+    """Everything one masked Adam step needs, validated.
+
+    ``param`` and ``grad`` are a flat group's dense buffers (N elements); the optimizer states live
+    in compact buffers of K = T * MASKED_TILE entries, one per masked entry (T tiles):
+
+    * ``index``      int32 [K]: the entry's offset inside its parameter, -1 for tile padding;
+    * ``tile_base``  int64 [T]: where the tile's parameter starts in ``param``/``grad``;
+    * ``tile_step``  fp32 [T]: steps taken since the tile's states were reset; 0 means fresh
+                     (w is read from ``param``, m = v = 0, whatever the buffers hold);
+    * ``master``     fp32 [K] or None (fp32 params are their own master);
+    * ``exp_avg``, ``exp_avg_sq``  fp32 [K].
+
+    For the tiles ``[tile_start, tile_start + num_tiles)``, for each entry with p = tile_base + index
+    (the Adam paper's efficient form, as ``badam.BlockOptimizerRatio`` 1.4 computes it, plus
+    decoupled weight decay), with t = tile_step + 1::
+
+        g = grad[p]
+        w = master (or float(param[p]); float(param[p]) when fresh)
+        w = w * (1 - lr * weight_decay)
+        m = m + (1 - beta1) * (g - m)
+        v = v + (1 - beta2) * (g * g - v)
+        w = w - lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)
+        param[p] = w rounded to nearest in the param dtype;  tile_step = t
+    """
+
+    param: Tensor
+    grad: Tensor
+    index: Tensor
+    master: Optional[Tensor]
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    tile_base: Tensor
+    tile_step: Tensor
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    tile_start: int
+    num_tiles: int
+
+
+@runtime_checkable
+class SupportsMaskedAdamW(Protocol):
+    """A backend that implements the optional ratio-mode op."""
+
+    def masked_adamw_step(self, args: MaskedAdamWStepArgs) -> None:
+        """One masked Adam step in place (see ``MaskedAdamWStepArgs``)."""
+
+
+def pack_masked_adamw_args(
+    param: Tensor,
+    grad: Tensor,
+    index: Tensor,
+    master: Optional[Tensor],
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    tile_base: Tensor,
+    tile_step: Tensor,
+    *,
+    lr: float,
+    betas: tuple = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    tile_start: int = 0,
+    num_tiles: Optional[int] = None,
+) -> MaskedAdamWStepArgs:
+    """Validate the arguments of a masked Adam step and pack them for a backend."""
+    _require(isinstance(param, Tensor) and param.dim() == 1, "param must be a flat 1-D buffer")
+    n, device = param.numel(), param.device
+    _check_flat("param", param, n, device, PARAM_DTYPES)
+    _check_flat("grad", grad, n, device, PARAM_DTYPES)
+    _require(isinstance(tile_base, Tensor) and tile_base.dim() == 1, "tile_base must be a 1-D tensor")
+    total_tiles = tile_base.numel()
+    k = total_tiles * MASKED_TILE
+    _check_flat("tile_base", tile_base, total_tiles, device, (torch.int64,))
+    _check_flat("tile_step", tile_step, total_tiles, device, (torch.float32,))
+    _check_flat("index", index, k, device, (torch.int32,))
+    if master is not None:
+        _check_flat("master", master, k, device, (torch.float32,))
+    else:
+        _require(param.dtype == torch.float32, f"{param.dtype} params need an fp32 master of the masked entries")
+    _check_flat("exp_avg", exp_avg, k, device, (torch.float32,))
+    _check_flat("exp_avg_sq", exp_avg_sq, k, device, (torch.float32,))
+    num_tiles = total_tiles - tile_start if num_tiles is None else int(num_tiles)
+    _require(0 <= tile_start and 0 <= num_tiles and tile_start + num_tiles <= total_tiles,
+             f"tiles [{tile_start}, {tile_start + num_tiles}) are outside the {total_tiles} tiles")
+    beta1, beta2 = (float(b) for b in betas)
+    _require(0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0, f"betas must lie in [0, 1), got {betas}")
+    _require(eps >= 0.0, f"eps must be non-negative, got {eps}")
+    _require(weight_decay >= 0.0, f"weight_decay must be non-negative, got {weight_decay}")
+    _require(not isinstance(lr, Tensor), "lr must be a Python float for the masked step")
+    return MaskedAdamWStepArgs(param, grad, index, master, exp_avg, exp_avg_sq, tile_base, tile_step,
+                               float(lr), beta1, beta2, float(eps), float(weight_decay), int(tile_start), num_tiles)

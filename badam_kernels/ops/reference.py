@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .interface import AdamWStepArgs
+from .interface import MASKED_TILE, AdamWStepArgs, MaskedAdamWStepArgs
 
 NAME = "reference"
 
@@ -89,3 +89,40 @@ def init_state(param: Tensor, master: Optional[Tensor], exp_avg: Tensor, exp_avg
     exp_avg.zero_()
     exp_avg_sq.zero_()
 
+
+
+def masked_adamw_step(args: MaskedAdamWStepArgs) -> None:
+    """The masked Adam step, operation for operation as ``badam.BlockOptimizerRatio`` 1.4's sparse Adam
+    (``exp_avg += (g - exp_avg) * (1 - beta1)``, ...; the step size in double precision on the host)."""
+    tiles = slice(args.tile_start, args.tile_start + args.num_tiles)
+    entries = slice(args.tile_start * MASKED_TILE, (args.tile_start + args.num_tiles) * MASKED_TILE)
+    index = args.index[entries].long()
+    valid = index >= 0
+    tile_of_entry = torch.arange(args.num_tiles, device=index.device).repeat_interleave(MASKED_TILE)
+    pos = (args.tile_base[tiles][tile_of_entry] + index)[valid]
+    fresh = (args.tile_step[tiles] == 0)[tile_of_entry][valid]
+    t = (args.tile_step[tiles].double() + 1.0)[tile_of_entry][valid]
+
+    g = args.grad[pos].float()
+    w_param = args.param[pos].float()
+    if args.master is not None:
+        w = torch.where(fresh, w_param, args.master[entries][valid])
+    else:
+        w = w_param
+    zero = torch.zeros((), device=g.device)
+    m = torch.where(fresh, zero, args.exp_avg[entries][valid])
+    v = torch.where(fresh, zero, args.exp_avg_sq[entries][valid])
+
+    if args.weight_decay != 0.0:
+        w.mul_(1.0 - args.lr * args.weight_decay)
+    m.add_((g - m).mul_(1.0 - args.beta1))
+    v.add_(g.pow(2).sub_(v).mul_(1.0 - args.beta2))
+    step_size = (args.lr * torch.sqrt(1.0 - args.beta2 ** t) / (1.0 - args.beta1 ** t)).float()
+    w.add_(m / v.sqrt().add_(args.eps) * -step_size)
+
+    for dst, src in ((args.master, w), (args.exp_avg, m), (args.exp_avg_sq, v)):
+        if dst is not None:
+            view = dst[entries]
+            view[valid] = src
+    args.param[pos] = w.to(args.param.dtype)
+    args.tile_step[tiles] += 1.0

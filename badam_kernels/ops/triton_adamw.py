@@ -339,3 +339,7 @@ def init_state(param: Tensor, master: Optional[Tensor], exp_avg: Tensor, exp_avg
     _init_state_kernel[(_num_tiles(n),)](
         param, master if master is not None else param, exp_avg, exp_avg_sq, n,
         HAS_MASTER=master is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+# the ratio mode's masked Adam step (its kernel has a file of its own)
+from .triton_masked_adamw import masked_adamw_step  # noqa: E402,F401
