@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import functools
 import gc
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402
 from common import LLAMA_SHAPES, in_fresh_process, just_switched, median, result_path, write_json  # noqa: E402
+from peers import Method, fused_ce_loss, hf_loss  # noqa: E402,F401  (profile_step and older callers import them here)
 
 SHAPES = {
     "1b": dict(LLAMA_SHAPES["1b"], batch=4, seq=1024),
@@ -69,118 +69,33 @@ def make_batches(shape: str, batch: int, seq: int, device: str, count: int = 8):
     return [torch.randint(0, vocab, (batch, seq), generator=gen).to(device) for _ in range(count)]
 
 
-def hf_loss(model, ids):
-    return model(input_ids=ids, labels=ids).loss
-
-
-def fused_ce_loss(model, ids, chunk_mem_const: int = 1):
-    """Liger's fused linear cross-entropy: the 128256-wide logits are never materialised whole.
-
-    ``chunk_mem_const`` bounds the logits of a chunk to that many times the hidden states (liger's
-    default 1: on the 8B shape at 2x1024 tokens, 32 chunks of 128 tokens, small matrix products
-    that cost about 13 ms of forward; 8 gives 4 chunks of 1024 for about 0.5 GiB more).
-    """
-    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
-
-    hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
-    labels = ids[:, 1:]
-    loss, *_ = LigerFusedLinearCrossEntropyFunction.apply(  # (loss, z_loss, accuracy, predictions)
-        hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, labels.reshape(-1), None, None, -100, 0.0,
-        0.0, "mean", None, False, None, False, False, False, None, None, chunk_mem_const)
-    return loss
-
-
 # ----------------------------------------------------------------------------------- the methods
-@dataclass
-class Method:
-    """How one method trains: a loss function, a backward, an optimizer step (with its switch)."""
-
-    optimizer: object
-    loss_fn: Callable = hf_loss
-    backward: Optional[Callable] = None  # LOMO fuses the update into backward
-
-    def run_backward(self, loss):
-        if self.backward is not None:
-            self.backward(loss)
-        else:
-            loss.backward()
-
-    def run_step(self):
-        if self.backward is None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-
-
+# built by the shared registry (peers.py); here at this benchmark's learning rates
 def method_ours(model, K, start_block=None, backend=None, policy="reset", fused_ce=False, keep_activations=0,
                 keep_mode="all", ce_chunk_mem=1, compiled=False, **extra):
-    from badam_kernels import BlockOptimizer, compile_layers, truncate_backward
-
-    base = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    mode = "fixed" if start_block is not None else "descending"
-    opt = BlockOptimizer(base, list(model.named_parameters()), switch_block_every=K, switch_mode=mode,
-                         start_block=start_block, verbose=0, backend=backend, state_policy=policy, **extra)
-    truncate_backward(model, keep_activations=keep_activations, keep_mode=keep_mode)
-    if compiled:
-        compile_layers(model)
-    loss_fn = functools.partial(fused_ce_loss, chunk_mem_const=ce_chunk_mem) if fused_ce else hf_loss
-    return Method(opt, loss_fn)
+    return peers.badam(model, LR, K=K, start_block=start_block, backend=backend, policy=policy, fused_ce=fused_ce,
+                       keep_activations=keep_activations, keep_mode=keep_mode, ce_chunk_mem=ce_chunk_mem,
+                       compiled=compiled, **extra)
 
 
 def method_badam_official(model, K, start_block=None):
-    import badam
-
-    base = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    mode = "fixed" if start_block is not None else "descending"
-    opt = badam.BlockOptimizer(base, list(model.named_parameters()), switch_block_every=K, switch_mode=mode,
-                               start_block=start_block, verbose=0)
-    return Method(opt)
+    return peers.badam_official(model, LR, K=K, start_block=start_block)
 
 
 def method_adamw(model, K):
-    return Method(torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=True))
+    return peers.adamw(model, LR, fused=True)
 
 
 def method_lora(model, K):
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    peft_model = get_peft_model(model, config)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    return Method(torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True),
-                  loss_fn=lambda _m, ids: hf_loss(peft_model, ids))
+    return peers.lora(model, 1e-4, r=8, alpha=16, fused=True)
 
 
 def method_galore(model, K):
-    _stub_bitsandbytes()
-    from galore_torch import GaLoreAdamW
-
-    galore = [p for n, p in model.named_parameters() if p.dim() == 2 and ("self_attn" in n or "mlp" in n)]
-    ids = {id(p) for p in galore}
-    rest = [p for p in model.parameters() if id(p) not in ids]
-    groups = [{"params": rest},
-              {"params": galore, "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}]
-    return Method(GaLoreAdamW(groups, lr=LR, weight_decay=0.0, no_deprecation_warning=True))
+    return peers.galore(model, LR, rank=128, update_proj_gap=200, scale=0.25)
 
 
 def method_lomo(model, K):
-    from lomo_optim import Lomo
-
-    opt = Lomo(model, lr=LR, clip_grad_norm=None)
-    return Method(opt, backward=lambda loss: opt.fused_backward(loss, LR))
-
-
-def _stub_bitsandbytes():
-    """galore_torch imports bitsandbytes at package import for its 8-bit variant, which is not used
-    here; a stub module stands in where bitsandbytes is not installed."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        import types
-
-        for name in ("bitsandbytes", "bitsandbytes.optim", "bitsandbytes.optim.optimizer"):
-            sys.modules.setdefault(name, types.ModuleType(name))
-        sys.modules["bitsandbytes.optim.optimizer"].Optimizer2State = object
+    return peers.lomo(model, LR)
 
 
 DEFAULT_METHODS = {
@@ -246,7 +161,7 @@ def timed_steps(model, method: Method, batches, steps: int, warmup: int, device:
             events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
             events[0].record()
         t0 = time.perf_counter()
-        loss = method.loss_fn(model, ids)
+        loss = method.loss(ids)
         if device == "cuda":
             events[1].record()
         phase_peaks.end("forward")

