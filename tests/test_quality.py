@@ -1,0 +1,82 @@
+"""The quality studies run end to end in their --quick mode (tiny model, a few steps a method, CPU),
+so that the GPU scripts cannot rot; and the shared registry of peer methods builds each peer."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script, *args, tmp_path):
+    env = {**os.environ, "BENCH_RESULTS_DIR": str(tmp_path / "results"), "QUALITY_WORK": str(tmp_path / "work")}
+    done = subprocess.run([sys.executable, f"benchmarks/quality/{script}", *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    (result,) = (tmp_path / "results").glob("*.json")
+    assert result.with_suffix(".png").is_file()
+    return json.loads(result.read_text())
+
+
+@pytest.mark.slow
+def test_finetune_rg_quick_runs_every_method_and_reports(tmp_path):
+    payload = run("finetune_rg.py", "--quick", tmp_path=tmp_path)
+    methods = payload["methods"]
+    # AdaLomo allocates its states with .cuda(): on a CPU it is an error, recorded as such
+    assert methods["adalomo"]["status"] in ("ok", "error")
+    for name in ("badam", "badam_offload", "badam_official", "adamw", "lora", "galore", "apollo"):
+        row = methods[name]
+        assert row["status"] == "ok", (name, row)
+        assert row["seeds"] == [0, 1] and len(row["curves"]["0"]["losses"]) == payload["config"]["steps"]
+        assert 0.0 <= row["test_exact_mean"][0] <= 1.0 and row["peak_mem_mib"] > 0
+    # the main job's BAdam and the official badam 1.4 train the same blocks on the same batches
+    ours, theirs = methods["badam"]["curves"]["0"]["losses"], methods["badam_official"]["curves"]["0"]["losses"]
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-4
+    assert methods["badam"]["info"]["command"].startswith("badam-finetune ")
+    assert payload["command"].startswith("benchmarks/quality/finetune_rg.py") and payload["versions_where_reported"]["reasoning-gym"] and payload["run_device"]["torch"]
+    counts = payload["config"]["counts"]
+    assert set(counts["test"]) == {"chain_sum", "basic_arithmetic", "letter_counting"}
+
+
+@pytest.mark.slow
+def test_pretrain_llama_quick_runs_every_method_and_reports(tmp_path):
+    payload = run("pretrain_llama.py", "--quick", tmp_path=tmp_path)
+    for name in ("adamw", "badam", "badam_offload", "galore", "fira", "apollo", "lowrank"):
+        row = payload["methods"][name]
+        assert row["status"] == "ok", (name, row)
+        assert row["val_ppl"] > 1 and len(row["losses"]) == payload["config"]["steps"]
+    assert payload["corpus"]["sources"] and payload["config"]["size"] == "tiny"
+
+
+def test_the_registry_builds_every_peer_on_a_tiny_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(BENCHMARKS))
+    import peers
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, max_position_embeddings=64)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    options = {"galore": dict(rank=4), "fira": dict(rank=4), "apollo": dict(rank=4), "badam": dict(K=1),
+               "badam_official": dict(K=1)}
+    for name in sorted(peers.PEERS):
+        if name in ("lomo", "adalomo"):  # lomo-optim's states are allocated on CUDA
+            continue
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        method = peers.build(name, model, 1e-2, **options.get(name, {}))
+        before = {n: p.detach().clone() for n, p in method.module.named_parameters()}
+        loss = method.loss(ids)
+        method.run_backward(loss)
+        method.clip(1.0)
+        method.run_step()
+        method.close()
+        changed = [n for n, p in method.module.named_parameters() if not torch.equal(before[n], p.detach())]
+        assert changed, f"{name} changed no weight"
+    with pytest.raises(ValueError, match="unknown method"):
+        peers.build("sgd", model, 1e-3)
+    assert peers.unavailable("adamw") is None
