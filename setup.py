@@ -87,7 +87,8 @@ setup(
         "finetune": ["transformers>=4.46", "safetensors", "tqdm", "matplotlib", "numpy"],
         "test": ["pytest", "badam==1.4", "peft"],
     },
-    entry_points={"console_scripts": ["badam-finetune=badam_kernels.finetune.cli:main"]},
+    entry_points={"console_scripts": ["badam-finetune=badam_kernels.finetune.cli:main",
+                                      "badam-llamafactory=badam_kernels.integrations.llamafactory:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
