@@ -1,4 +1,5 @@
-"""The loss plot of a run: loss per step, a smoothed curve, and a vertical line at each block switch."""
+"""The loss plot of a run: loss per step, a smoothed curve, the eval loss where evaluated, and a vertical
+line at each block switch."""
 from __future__ import annotations
 
 import json
@@ -24,7 +25,8 @@ def smooth(values: List[float], weight: float = 0.9) -> List[float]:
 
 
 def plot_loss(records: List[Dict], path: str, title: str = "badam-finetune") -> str:
-    """Write the loss curve of ``records`` (dicts with ``step``, ``loss``, ``active_block``) to ``path``."""
+    """Write the loss curve of ``records`` (dicts with ``step``, ``loss``, ``active_block``, and
+    ``eval_loss`` at the evaluated steps) to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,6 +39,11 @@ def plot_loss(records: List[Dict], path: str, title: str = "badam-finetune") -> 
     ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
     if len(losses) > 1:
         ax.plot(steps, smooth(losses), color="tab:blue", linewidth=2, label="loss (smoothed)")
+    evals = [(r["step"], r["eval_loss"]) for r in records
+             if r.get("eval_loss") is not None and math.isfinite(r["eval_loss"])]
+    if evals:
+        ax.plot([s for s, _ in evals], [v for _, v in evals], color="tab:orange", linewidth=1.5, marker="o",
+                markersize=4, label="eval loss")
     switches = [(cur["step"], cur["active_block"]) for prev, cur in zip(records, records[1:])
                 if cur["active_block"] != prev["active_block"]]
     for i, (step, _) in enumerate(switches):
