@@ -84,7 +84,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         # the main job (badam-finetune) and the Hugging Face integration
-        "finetune": ["transformers>=4.46", "safetensors", "tqdm", "matplotlib", "numpy"],
+        "finetune": ["transformers>=4.46", "safetensors", "tqdm", "matplotlib", "numpy", "pyyaml>=6"],
+        # the main job's fused linear cross-entropy on a GPU (badam-finetune falls back to the plain loss without it)
+        "gpu": ["liger-kernel>=0.8"],
         "test": ["pytest", "badam==1.4", "peft"],
     },
     entry_points={"console_scripts": ["badam-finetune=badam_kernels.finetune.cli:main",

@@ -280,7 +280,10 @@ def test_command_line_is_generated_from_the_declared_options():
             assert field.metadata["check"] is badam[field.name].metadata["check"], field.name
             assert field.metadata["help"] == badam[field.name].metadata["help"], field.name
     assert set(RESUME_MAY_CHANGE) == {"steps", "out", "resume", "log_every", "save_every", "backend", "progress",
-                                      "device", "keep_activations", "keep_mode", "compile_layers"}
+                                      "device", "keep_activations", "keep_mode", "compile_layers",
+                                      # speed and evaluation knobs added since (issue 17): they change no math
+                                      "config", "fast", "memory_budget", "fused_ce", "grad_checkpointing",
+                                      "eval_every"}
 
 
 def _write(path, text):

@@ -203,7 +203,7 @@ def resume_point(cfg: TrainConfig, ckpt_dir: Optional[str], new_target: int) -> 
         return None, 0, cfg.steps or new_target
     trainer_state = torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), weights_only=True)
     start = int(trainer_state["step"])
-    require(trainer_state["data_position"] == start * cfg.batch_size,
+    require(trainer_state["data_position"] == start * cfg.batch_size * cfg.grad_accum,
             f"--resume {cfg.resume}: the checkpoint's data position does not match its step")
     if cfg.steps is not None:
         return trainer_state, start, start + cfg.steps

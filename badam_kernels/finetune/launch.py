@@ -98,8 +98,10 @@ def rows_of_rank(batch, rank: int, world: int):
     rows = batch.input_ids.shape[0] // world
     take = slice(rank * rows, (rank + 1) * rows)
     mask = None if batch.attention_mask is None else batch.attention_mask[take]
+    positions = getattr(batch, "position_ids", None)  # packed rows
+    extra = {} if positions is None else {"position_ids": positions[take]}
     return dataclasses.replace(batch, input_ids=batch.input_ids[take], labels=batch.labels[take],
-                               attention_mask=mask)
+                               attention_mask=mask, **extra)
 
 
 def agree_over_ranks(loss: torch.Tensor, stop_requested: bool, world: int) -> Tuple[float, bool]:

@@ -36,11 +36,17 @@ from .checkpoint import (check_out, checkpoint_dir, load_optimizer, load_weights
                          rng_state, save_checkpoint, set_rng_state)
 from .config import (DEFAULT_SOURCES, DTYPES, EMBEDDED_DATA_STEPS, ConfigError, TrainConfig, badam_options,
                      config_for_resume, one_line, resolve)
-from .data import build_batches
+from .data import build_data
+from .evaluate import Evaluation
 from .launch import (StopFlag, agree_over_ranks, check_backend, on_every_rank, optimizer_class, peak_memory_mib,
-                     processes, rows_of_rank, shard_model)
+                     processes, shard_model)
 from .model import check_layer_stack, load_model, prepare_for_training, warn_past_positions
 from .plots import plot_loss, read_metrics
+from .accumulation import forward_backward
+from .config_file import apply_config_file
+from .fast import loss_function
+from .lr import build_scheduler, warmup_steps
+from .plan import announce_plan, apply_plan, explicit_switches, plan_for_run, record_plan
 
 __all__ = ["ConfigError", "Run", "TrainConfig", "build_run", "finish", "load_model", "run_loop", "train"]
 
@@ -66,6 +72,9 @@ class Run:
     run_dir: str
     trainer_state: Optional[dict]  # the checkpoint's, on resume
     log: Callable[[str], None]
+    evaluation: Optional[Evaluation] = None  # the eval loss and samples (evaluate.py), if asked for
+    plan: Any = None  # the speed plan (plan.py): loss, compiled layers, kept activations, expected peak
+    loss_fn: Optional[Callable] = None  # loss(**batch.model_inputs(device)): fused or plain (fast.py)
 
     @property
     def main(self) -> bool:  # rank 0 reports and writes
@@ -105,6 +114,7 @@ def build_run(config: TrainConfig, given: Optional[set] = None, log=print) -> Ru
     """Everything the loop needs, in an order that fails early: the configuration, the processes and
     the run folder are checked before the model loads; a resumed run gets its weights, optimizer,
     scheduler and RNG states back."""
+    config, given = apply_config_file(config, given)
     if config.resume is not None:
         config = config_for_resume(config, given)
     cfg = resolve(config)
@@ -115,36 +125,47 @@ def build_run(config: TrainConfig, given: Optional[set] = None, log=print) -> Ru
         log = _silent
     cfg = dataclasses.replace(cfg, dtype=cfg.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     check_backend(cfg.backend, device)
+    explicit_switches(cfg.fast, device.type, cfg.grad_checkpointing, cfg.keep_activations)  # before the model loads
     model, tokenizer, model_desc = load_model(cfg, DTYPES[cfg.dtype])
     check_layer_stack(model, cfg)
     if rank == 0:
         warn_past_positions(model, cfg.seq_len)
-    batches = build_batches(cfg.data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed)
+    batches, eval_set = build_data(cfg, tokenizer)
+    evaluation = Evaluation.build(cfg, eval_set, tokenizer, batches)
+    packing_warning = batches.use_attention(model) if hasattr(batches, "use_attention") else None
+    if packing_warning and rank == 0:
+        print(f"badam-finetune: warning: {packing_warning}", file=sys.stderr)
     ckpt_dir = checkpoint_dir(cfg.resume, cfg.shard) if cfg.resume else None
     if ckpt_dir:
         load_weights(model, os.path.join(ckpt_dir, "model.safetensors"))
-    new_target = EMBEDDED_DATA_STEPS if cfg.data is None else batches.steps_per_epoch()
+    new_target = EMBEDDED_DATA_STEPS if cfg.data is None else -(-batches.steps_per_epoch() // cfg.grad_accum)
     trainer_state, start, target = resume_point(cfg, ckpt_dir, new_target)
 
+    plan = plan_for_run(cfg, model, device, world)
+    given_cfg, cfg = cfg, apply_plan(cfg, plan)  # config.json keeps what was given, the plan beside it
     config_as_loaded = prepare_for_training(model, cfg, device)
     if cfg.shard:
         shard_model(model, device, world)
-    optimizer, scheduler, truncation = build_optimizer(cfg, model, world)
+    optimizer, scheduler, truncation = build_optimizer(cfg, model, world, total=target)
     if ckpt_dir:
         load_optimizer(optimizer, ckpt_dir, cfg.shard)
         scheduler.load_state_dict(trainer_state["scheduler"])
         set_rng_state(trainer_state["rng"])
-    run_dir = on_every_rank(prepare_run_dir(cfg, start, world) if rank == 0 else None, world)
+    run_dir = on_every_rank(prepare_run_dir(given_cfg, start, world) if rank == 0 else None, world)
+    if rank == 0:
+        record_plan(run_dir, plan)
     run = Run(cfg, rank, world, device, model, tokenizer, model_desc, config_as_loaded, batches, optimizer,
-              scheduler, truncation, start, target, run_dir, trainer_state, log)
+              scheduler, truncation, start, target, run_dir, trainer_state, log, evaluation)
+    run.plan, run.loss_fn = plan, loss_function(model, plan.fused_ce)
     _announce(run, ckpt_dir)
+    announce_plan(plan, device.type, log)
     return run
 
 
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, world: int):
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, world: int, total: Optional[int] = None):
     """(optimizer, LR scheduler, truncation handle): AdamW inside the job's BlockOptimizer class with
     the configuration's BAdam options, the truncated backward (after ``shard_model``: it wraps it),
-    the compiled layers and a linear LR warm-up."""
+    the compiled layers and the LR schedule (``lr.py``) over ``total`` optimizer steps."""
     from .. import compile_layers, truncate_backward
 
     base = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -157,9 +178,9 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, world: int):
     truncation = truncate_backward(model, keep_activations=options.keep_activations, keep_mode=options.keep_mode)
     if options.compile_layers:
         compile_layers(model)  # each new role compiles once, in the first blocks
-    warmup = cfg.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    total = total or cfg.steps or 0
+    scheduler = build_scheduler(optimizer, cfg.lr_schedule, warmup_steps(cfg.warmup_steps, cfg.warmup_ratio or 0.0,
+                                                                        total), total)
     return optimizer, scheduler, truncation
 
 
@@ -170,8 +191,10 @@ def _announce(run: Run, ckpt_dir: Optional[str]) -> None:
         f"{run.optimizer.num_blocks} blocks of {cfg.switch_block_every} steps ({cfg.switch_mode}), "
         f"{run.device.type} {cfg.dtype}" + (f", {run.world} processes" if run.world > 1 else "")
         + (", sharded (FSDP2)" if cfg.shard else ""))
-    log(f"data: {cfg.data or DEFAULT_SOURCES['data']}: {run.batches.num_examples} examples, "
+    log(f"data: {cfg.data or DEFAULT_SOURCES['data']}: {run.batches.describe()}, "
         f"batch {cfg.batch_size} x {cfg.seq_len} tokens; steps {run.start} -> {run.target}; run folder {run.run_dir}")
+    if run.evaluation is not None:
+        log(run.evaluation.describe())
     if ckpt_dir and os.path.basename(ckpt_dir) == "checkpoint.old":
         log(f"resuming from {ckpt_dir}: the last checkpoint save was cut short")
 
@@ -197,9 +220,12 @@ def run_loop(run: Run) -> Progress:
         stopping = False
         while progress.step < target and not stopping:
             record, stopping = _step(run, progress, stop)
+            if run.evaluation is not None:
+                record.update(run.evaluation.at_step(run, record["step"], target, say))
             metrics.write(json.dumps(record) + "\n")
             step, loss, block, peak = record["step"], record["loss"], record["active_block"], record["peak_mem_mib"]
-            bar.set_postfix_str(f"loss {loss:.3f}, {record['tokens_per_s']:,.0f} tok/s, "
+            bar.set_postfix_str(f"loss {loss:.3f}{run.evaluation.postfix() if run.evaluation else ''}, "
+                                f"{record['tokens_per_s']:,.0f} tok/s, "
                                 f"block {block}/{run.optimizer.num_blocks}, peak {peak:,.0f} MiB", refresh=False)
             bar.update(1)
             if step % cfg.log_every == 0 or step == target:
@@ -215,35 +241,32 @@ def run_loop(run: Run) -> Progress:
 def _step(run: Run, progress: Progress, stop: StopFlag):
     """One optimizer step on this rank's rows of the batch; (its metrics record, whether to stop now)."""
     t0 = time.perf_counter()
-    batch = run.batches.batch(progress.step)
-    rows = rows_of_rank(batch, run.rank, run.world)
     block, lr = run.optimizer.active_block, run.optimizer.param_groups[0]["lr"]
-    mask = None if rows.attention_mask is None else rows.attention_mask.to(run.device)
-    out = run.model(input_ids=rows.input_ids.to(run.device), labels=rows.labels.to(run.device), attention_mask=mask)
-    out.loss.backward()
+    step_loss, num_tokens = forward_backward(run, progress.step)  # --grad-accum micro-batches (accumulation.py)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    loss, stopping = agree_over_ranks(out.loss.detach(), stop.set, run.world)
-    del out  # the logits: not kept alive through the next forward
+    loss, stopping = agree_over_ranks(step_loss, stop.set, run.world)
     grad_norm = run.optimizer.last_grad_norm
     dt = time.perf_counter() - t0
     progress.step += 1
     progress.elapsed += dt
-    progress.tokens_seen += batch.num_tokens
+    progress.tokens_seen += num_tokens
     progress.losses.append(loss)
     progress.nonfinite += not math.isfinite(loss)
-    record = {"step": progress.step, "loss": loss, "lr": lr, "tokens_per_s": batch.num_tokens / dt,
+    record = {"step": progress.step, "loss": loss, "lr": lr, "tokens_per_s": num_tokens / dt,
               "active_block": block, "grad_norm": None if grad_norm is None else float(grad_norm),
-              "peak_mem_mib": round(peak_memory_mib(run.device), 1), "tokens": batch.num_tokens,
+              "peak_mem_mib": round(peak_memory_mib(run.device), 1), "tokens": num_tokens,
               "elapsed_s": round(progress.elapsed, 4)}
     return record, stopping
 
 
 def _save(run: Run, progress: Progress) -> str:
     step, cfg = progress.step, run.cfg
-    trainer_state = {"step": step, "target_step": run.target, "data_position": step * cfg.batch_size,
-                     "epoch": step * cfg.batch_size // run.batches.num_examples, "elapsed_s": progress.elapsed,
+    examples = step * cfg.grad_accum * cfg.batch_size  # the data position counts micro-batches of examples
+    trainer_state = {"step": step, "target_step": run.target, "data_position": examples,
+                     "micro_batches": step * cfg.grad_accum,
+                     "epoch": examples // run.batches.num_examples, "elapsed_s": progress.elapsed,
                      "tokens_seen": progress.tokens_seen, "rng": rng_state(run.device), "version": __version__}
     return save_checkpoint(run.run_dir, run.model, run.tokenizer, run.optimizer, run.scheduler, trainer_state,
                            cfg.shard, run.config_as_loaded)
@@ -273,7 +296,8 @@ def finish(run: Run, progress: Progress) -> Dict[str, Any]:
         "tokens_per_s": round((progress.tokens_seen - progress.tokens_before) / wall, 1) if wall else None,
         "peak_mem_mib": round(peak_memory_mib(run.device), 1), "num_blocks": run.optimizer.num_blocks,
         "device": run.device.type, "dtype": cfg.dtype, "nonfinite_steps": progress.nonfinite, "memory_bytes": held,
-        "shard": cfg.shard, "world_size": run.world,
+        "shard": cfg.shard, "world_size": run.world, "grad_accum": cfg.grad_accum,
+        "plan": run.plan.as_dict() if run.plan is not None else None, **(run.evaluation.summary() if run.evaluation else {}),
     }
     with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)

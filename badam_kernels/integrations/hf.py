@@ -42,7 +42,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .. import BlockOptimizer, compile_layers, is_truncated, truncate_backward
-from ..options import BAdamOptions, with_default
+from ..options import BAdamOptions, boolean, option, with_default
 
 __all__ = ["BAdamConfig", "BAdamTrainer", "FreeBlockGradsCallback", "make_badam_optimizer"]
 
@@ -54,6 +54,10 @@ class BAdamConfig(BAdamOptions):
     ``TrainingArguments.max_grad_norm``. ``seed``: ``BAdamTrainer`` uses ``args.seed`` when None."""
 
     verbose: int = with_default(BAdamOptions, "verbose", 0)
+    fast: bool = option(False, "the fast path in one switch: liger-kernel's fused linear cross-entropy (its model "
+                        "patching, where installed and the model type is supported; else a warning and the plain "
+                        "loss), compiled layers, and every layer from the active block up keeping its activations "
+                        "under gradient checkpointing (keep_activations='all' unless set)", check=boolean)
 
 
 def make_badam_optimizer(model: torch.nn.Module, config: Optional[BAdamOptions] = None,
@@ -61,12 +65,15 @@ def make_badam_optimizer(model: torch.nn.Module, config: Optional[BAdamOptions] 
     """A ``BlockOptimizer`` over ``torch.optim.AdamW(model.parameters(), **adamw_kwargs)`` with
     ``config``'s options (a :class:`BAdamConfig` or any ``BAdamOptions``; default ``BAdamConfig()``).
 
-    Also installs ``truncate_backward(model, keep_activations=..., keep_mode=...)`` (once;
+    ``config.fast`` (a :class:`BAdamConfig`'s): the fast path first (``_fast``: liger's fused loss,
+    compiled layers, activations kept). Also installs ``truncate_backward(model, keep_activations=..., keep_mode=...)`` (once;
     ``config.truncate=False`` skips it) and, with ``config.compile_layers``, compiles each layer
     (regional compilation; leave the Trainer's ``torch_compile`` off, it compiles the whole model). Build it
     after the model is on its device and before handing it to a Trainer or ``accelerator.prepare``.
     """
     config = config or BAdamConfig()
+    if getattr(config, "fast", False):
+        config = _fast(model, config)
     base = torch.optim.AdamW(model.parameters(), **adamw_kwargs)
     optimizer = BlockOptimizer(base, list(model.named_parameters()), **config.optimizer_kwargs())
     if config.truncate and not is_truncated(model):
@@ -74,6 +81,20 @@ def make_badam_optimizer(model: torch.nn.Module, config: Optional[BAdamOptions] 
     if config.compile_layers:
         compile_layers(model)  # once: layers already compiled are left as they are
     return optimizer
+
+
+def _fast(model: torch.nn.Module, config: BAdamOptions) -> BAdamOptions:
+    """``fast=True``: liger's fused-loss patching of this model instance (once), compiled layers, and
+    every layer keeping its activations where the config keeps none (the default)."""
+    from ..finetune.fast import patch_model
+
+    if not getattr(model, "_badam_fused_ce", False):
+        reason = patch_model(model)
+        if reason is not None:
+            warnings.warn(f"BAdamConfig(fast=True): {reason}; the model keeps its plain loss")
+        model._badam_fused_ce = reason is None
+    keep = "all" if config.keep_activations == 0 else config.keep_activations
+    return dataclasses.replace(config, compile_layers=True, keep_activations=keep)
 
 
 def _unwrap(optimizer):
