@@ -202,6 +202,16 @@ def has_target(labels: Sequence[int]) -> bool:
     return any(label != IGNORE_INDEX for label in labels[1:])
 
 
+def examples_with_targets(encoded: Sequence[Encoded], source: str, seq_len: Optional[int]) -> Tuple[List[Encoded], int]:
+    """The examples that keep a trained token within ``seq_len``, and how many were dropped; none kept
+    is a DataError naming the source."""
+    kept = [e for e in encoded if has_target(e[1])]
+    if not kept:
+        raise DataError(f"{source}: no example keeps a trained token within --seq-len {seq_len} "
+                        "(the prompts are too long); use a larger --seq-len")
+    return kept, len(encoded) - len(kept)
+
+
 class Batches:
     """Batches of a fixed list of examples, in an order that depends only on ``seed`` and the step.
 
@@ -277,11 +287,7 @@ class ExampleBatches(Batches):
 
     def __init__(self, encoded: Sequence[Encoded], pad_id: int, batch_size: int, seed: int,
                  source: str = "data", seq_len: Optional[int] = None, formats: Optional[Dict[str, int]] = None):
-        self.examples = [e for e in encoded if has_target(e[1])]
-        self.dropped = len(encoded) - len(self.examples)
-        if not self.examples:
-            raise DataError(f"{source}: no example keeps a trained token within --seq-len {seq_len} "
-                            "(the prompts are too long); use a larger --seq-len")
+        self.examples, self.dropped = examples_with_targets(encoded, source, seq_len)
         self.pad_id = pad_id
         self.formats = dict(formats or {})
         super().__init__(len(self.examples), batch_size, seed)

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .data import Batch, Batches, DataError, Encoded, has_target
+from .data import Batch, Batches, Encoded, examples_with_targets
 from .formats import IGNORE_INDEX
 
 SEPARATING_MASKS = ("sdpa", "eager", "flex_attention")  # built by transformers' create_causal_mask
@@ -64,11 +64,7 @@ class PackedBatches(Batches):
 
     def __init__(self, encoded: Sequence[Encoded], pad_id: int, seq_len: int, batch_size: int, seed: int,
                  source: str = "data", formats: Optional[Dict[str, int]] = None):
-        self.examples = [e for e in encoded if has_target(e[1])]
-        self.dropped = len(encoded) - len(self.examples)
-        if not self.examples:
-            raise DataError(f"{source}: no example keeps a trained token within --seq-len {seq_len} "
-                            "(the prompts are too long); use a larger --seq-len")
+        self.examples, self.dropped = examples_with_targets(encoded, source, seq_len)
         self.pad_id = pad_id
         self.seq_len = seq_len
         self.formats = dict(formats or {})
