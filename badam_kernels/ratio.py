@@ -45,7 +45,7 @@ from torch.optim import Optimizer
 
 from . import ops
 from .block_state import Entry, FlatGroup
-from .ops import MASKED_TILE
+from .ops import MASKED_TILE, MaskedStates
 from .options import non_negative_int, positive_int
 from .partition import checked_named_parameters, set_trainable, trainable
 
@@ -96,17 +96,11 @@ class _RatioGroup(FlatGroup):
 
 
 @dataclass
-class _Compact:
-    """The states of one flat group's masked entries (``interface.MaskedAdamWStepArgs``): a parameter's
-    entries fill whole tiles, ``spans[k]`` = (first tile, tiles, masked count) of entry k."""
+class _Compact(MaskedStates):
+    """The states of one flat group's masked entries (``ops.MaskedStates``): a parameter's entries
+    fill whole tiles, ``spans[k]`` = (first tile, tiles, masked count) of entry k."""
 
     spans: List[Tuple[int, int, int]]
-    index: Tensor
-    master: Optional[Tensor]
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
-    tile_base: Tensor
-    tile_step: Tensor
 
     @classmethod
     def allocate(cls, group: FlatGroup, counts: Sequence[int]) -> "_Compact":
@@ -117,11 +111,11 @@ class _Compact:
             bases += [offset] * tiles
             first += tiles
         k, device = first * MASKED_TILE, group.device
-        return cls(spans, torch.full((k,), -1, dtype=torch.int32, device=device),
+        return cls(torch.full((k,), -1, dtype=torch.int32, device=device),
                    torch.zeros(k, device=device) if group.dtype != torch.float32 else None,  # zeros: the
                    torch.zeros(k, device=device), torch.zeros(k, device=device),  # padding is defined
                    torch.tensor(bases, dtype=torch.int64, device=device),
-                   torch.zeros(first, dtype=torch.float32, device=device))
+                   torch.zeros(first, dtype=torch.float32, device=device), spans)
 
     def tensors(self) -> Dict[str, Tensor]:
         """What a checkpoint holds (the tile bases follow from the model)."""
@@ -305,8 +299,7 @@ class BlockOptimizerRatio(Optimizer):
                 runs.append([first, tiles])
         for first, tiles in runs:
             ops.masked_adamw_step(
-                flat.param, flat.grad, compact.index, compact.master, compact.exp_avg, compact.exp_avg_sq,
-                compact.tile_base, compact.tile_step, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
+                flat.param, flat.grad, compact, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
                 weight_decay=hp.get("weight_decay", 0.0), tile_start=first, num_tiles=tiles, backend=self.backend)
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -362,7 +362,11 @@ def masked_inputs(dtype, device, seed=0, tiles_per_param=(1, 3, 2), numel=(900, 
     return {k: (v.to(device) if v is not None else None) for k, v in tensors.items()}
 
 
-ORDER = ("param", "grad", "index", "master", "exp_avg", "exp_avg_sq", "tile_base", "tile_step")
+def step_args(t, master=True):
+    """The masked op's positional arguments from masked_inputs' tensors (without the master if told)."""
+    states = ops.MaskedStates(t["index"], t["master"] if master else None, t["exp_avg"], t["exp_avg_sq"],
+                              t["tile_base"], t["tile_step"])
+    return t["param"], t["grad"], states
 BACKENDS = [pytest.param("triton", "cpu", marks=pytest.mark.skipif(not triton_interpreting(), reason="no interpreter"),
                          id="triton-interpreted"),
             pytest.param("triton", "cuda", marks=pytest.mark.gpu, id="triton-cuda")]
@@ -378,7 +382,7 @@ def test_backend_matches_reference(backend, device, dtype, tiles):
     for name in ("reference", backend):
         t = {k: (v.clone() if v is not None else None) for k, v in inputs.items()}
         for _ in range(2):
-            ops.masked_adamw_step(*(t[k] for k in ORDER), backend=name, **kw)
+            ops.masked_adamw_step(*step_args(t), backend=name, **kw)
         results[name] = t
     ref, got = results["reference"], results[backend]
     assert torch.equal(ref["tile_step"], got["tile_step"])
@@ -436,9 +440,9 @@ def test_bad_op_inputs_are_named():
     inputs = masked_inputs(torch.bfloat16, "cpu")
     inputs["index"] = inputs["index"].long()
     with pytest.raises(ValueError, match="index has dtype torch.int64"):
-        ops.masked_adamw_step(*(inputs[k] for k in ORDER), lr=1e-3)
+        ops.masked_adamw_step(*step_args(inputs), lr=1e-3)
     inputs = masked_inputs(torch.bfloat16, "cpu")
     with pytest.raises(ValueError, match="need an fp32 master"):
-        ops.masked_adamw_step(*(inputs[k] if k != "master" else None for k in ORDER), lr=1e-3)
+        ops.masked_adamw_step(*step_args(inputs, master=False), lr=1e-3)
     with pytest.raises(ValueError, match="outside the 6 tiles"):
-        ops.masked_adamw_step(*(inputs[k] for k in ORDER), lr=1e-3, tile_start=4, num_tiles=3)
+        ops.masked_adamw_step(*step_args(inputs), lr=1e-3, tile_start=4, num_tiles=3)

@@ -18,7 +18,7 @@ from typing import Dict, Optional, Sequence, cast
 import torch
 
 from .interface import AdamWStepArgs, Backend, pack_adamw_args  # noqa: F401  (re-exported)
-from .interface import MASKED_TILE, MaskedAdamWStepArgs, pack_masked_adamw_args  # noqa: F401  (re-exported)
+from .interface import MASKED_TILE, MaskedAdamWStepArgs, MaskedStates, pack_masked_adamw_args  # noqa: F401  (re-exported)
 
 BACKEND_NAMES = ("triton", "cuda", "reference")  # auto: the first that runs (fastest on H200)
 _MODULES = {"reference": ".reference", "triton": ".triton_adamw", "cuda": ".cuda"}
@@ -140,7 +140,7 @@ def masked_adamw_step(*tensors, backend: Optional[str] = None, **kwargs) -> None
     master, m and v, scatter the new values into the parameters, in one launch per tile range; see
     ``interface.MaskedAdamWStepArgs``.
 
-    Positional: ``param, grad, index, master, exp_avg, exp_avg_sq, tile_base, tile_step``.
+    Positional: ``param, grad, states`` (a ``MaskedStates``).
     """
     args = pack_masked_adamw_args(*tensors, **kwargs)
     if args.num_tiles:

@@ -20,7 +20,7 @@ below; this module validates and packs the arguments once for all of them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional, Protocol, Union, runtime_checkable
 
 import torch
@@ -137,6 +137,15 @@ def check_state_buffers(param: Tensor, master: Optional[Tensor], exp_avg: Tensor
     _check_flat("exp_avg_sq", exp_avg_sq, numel, device, STATE_DTYPES)
 
 
+def _checked_betas(betas, eps: float, weight_decay: float):
+    """(beta1, beta2) as floats, after checking them, eps and the weight decay."""
+    beta1, beta2 = (float(b) for b in betas)
+    _require(0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0, f"betas must lie in [0, 1), got {betas}")
+    _require(eps >= 0.0, f"eps must be non-negative, got {eps}")
+    _require(weight_decay >= 0.0, f"weight_decay must be non-negative, got {weight_decay}")
+    return beta1, beta2
+
+
 def pack_adamw_args(
     param: Tensor,
     grad: Tensor,
@@ -163,10 +172,7 @@ def pack_adamw_args(
     _require(isinstance(step, Tensor) and step.numel() == 1 and step.dtype == torch.float32,
              "step must be a one-element fp32 tensor")
     _require(step.device == device, f"step is on {step.device}, expected {device}")
-    beta1, beta2 = (float(b) for b in betas)
-    _require(0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0, f"betas must lie in [0, 1), got {betas}")
-    _require(eps >= 0.0, f"eps must be non-negative, got {eps}")
-    _require(weight_decay >= 0.0, f"weight_decay must be non-negative, got {weight_decay}")
+    beta1, beta2 = _checked_betas(betas, eps, weight_decay)
     decay_numel = numel if decay_numel is None else int(decay_numel)
     _require(0 <= decay_numel <= numel, f"decay_numel={decay_numel} is outside [0, {numel}]")
     if max_grad_norm is not None:
@@ -192,8 +198,23 @@ contract, the same for every backend."""
 
 
 @dataclass
-class MaskedAdamWStepArgs:
-    """Everything one masked Adam step needs, validated.
+class MaskedStates:
+    """The states of a flat group's masked entries, in tiles (see ``MaskedAdamWStepArgs``)."""
+
+    index: Tensor
+    master: Optional[Tensor]
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    tile_base: Tensor
+    tile_step: Tensor
+
+    def tensors_by_name(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(MaskedStates)}
+
+
+@dataclass
+class MaskedAdamWStepArgs(MaskedStates):
+    """Everything one masked Adam step needs, validated: the states (``MaskedStates``) and these.
 
     ``param`` and ``grad`` are a flat group's dense buffers (N elements); the optimizer states live
     in compact buffers of K = T * MASKED_TILE entries, one per masked entry (T tiles):
@@ -220,12 +241,6 @@ class MaskedAdamWStepArgs:
 
     param: Tensor
     grad: Tensor
-    index: Tensor
-    master: Optional[Tensor]
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
-    tile_base: Tensor
-    tile_step: Tensor
     lr: float
     beta1: float
     beta2: float
@@ -243,24 +258,13 @@ class SupportsMaskedAdamW(Protocol):
         """One masked Adam step in place (see ``MaskedAdamWStepArgs``)."""
 
 
-def pack_masked_adamw_args(
-    param: Tensor,
-    grad: Tensor,
-    index: Tensor,
-    master: Optional[Tensor],
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    tile_base: Tensor,
-    tile_step: Tensor,
-    *,
-    lr: float,
-    betas: tuple = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    tile_start: int = 0,
-    num_tiles: Optional[int] = None,
-) -> MaskedAdamWStepArgs:
+def pack_masked_adamw_args(param: Tensor, grad: Tensor, states: MaskedStates, *, lr: float,
+                           betas: tuple = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                           tile_start: int = 0, num_tiles: Optional[int] = None) -> MaskedAdamWStepArgs:
     """Validate the arguments of a masked Adam step and pack them for a backend."""
+    _require(isinstance(states, MaskedStates), f"states must be a MaskedStates, got {type(states).__name__}")
+    index, master, tile_base, tile_step = states.index, states.master, states.tile_base, states.tile_step
+    exp_avg, exp_avg_sq = states.exp_avg, states.exp_avg_sq
     _require(isinstance(param, Tensor) and param.dim() == 1, "param must be a flat 1-D buffer")
     n, device = param.numel(), param.device
     _check_flat("param", param, n, device, PARAM_DTYPES)
@@ -280,10 +284,8 @@ def pack_masked_adamw_args(
     num_tiles = total_tiles - tile_start if num_tiles is None else int(num_tiles)
     _require(0 <= tile_start and 0 <= num_tiles and tile_start + num_tiles <= total_tiles,
              f"tiles [{tile_start}, {tile_start + num_tiles}) are outside the {total_tiles} tiles")
-    beta1, beta2 = (float(b) for b in betas)
-    _require(0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0, f"betas must lie in [0, 1), got {betas}")
-    _require(eps >= 0.0, f"eps must be non-negative, got {eps}")
-    _require(weight_decay >= 0.0, f"weight_decay must be non-negative, got {weight_decay}")
+    beta1, beta2 = _checked_betas(betas, eps, weight_decay)
     _require(not isinstance(lr, Tensor), "lr must be a Python float for the masked step")
-    return MaskedAdamWStepArgs(param, grad, index, master, exp_avg, exp_avg_sq, tile_base, tile_step,
-                               float(lr), beta1, beta2, float(eps), float(weight_decay), int(tile_start), num_tiles)
+    return MaskedAdamWStepArgs(**states.tensors_by_name(), param=param, grad=grad, lr=float(lr), beta1=beta1,
+                               beta2=beta2, eps=float(eps), weight_decay=float(weight_decay),
+                               tile_start=int(tile_start), num_tiles=num_tiles)

@@ -190,13 +190,8 @@ class DataParallelBlockOptimizer(BlockOptimizer):
                     dist.broadcast(p.data, group_src=0, group=process_group)
         super().__init__(base_optimizer, named, *args, sync=sync, **kwargs)
 
-    @property
-    def bytes_reduced_last_step(self) -> int:
-        return self.sync.bytes_last_step
-
-    @property
-    def bytes_reduced_total(self) -> int:
-        return self.sync.bytes_total
+    bytes_reduced_last_step = property(lambda self: self.sync.bytes_last_step, doc="gradient bytes of the last step")
+    bytes_reduced_total = property(lambda self: self.sync.bytes_total, doc="gradient bytes all-reduced so far")
 
     @contextlib.contextmanager
     def no_sync(self):
