@@ -119,3 +119,12 @@ def median(values):
     if n == 0:
         return float("nan")
     return values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
+
+
+def lr_grid(defaults: dict, overrides=None) -> dict:
+    """The learning rates a sweep tries per method: ``defaults``, with ``--lr METHOD=a,b,c`` overrides."""
+    grid = dict(defaults)
+    for spec in overrides or []:
+        name, values = spec.split("=")
+        grid[name] = [float(v) for v in values.split(",")]
+    return grid

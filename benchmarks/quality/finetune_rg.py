@@ -57,7 +57,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
-from common import command_line, device_record, result_path, write_json  # noqa: E402
+from common import command_line, device_record, lr_grid, result_path, write_json  # noqa: E402
 
 try:  # the main job's data module (badam_kernels.finetune.data since the layout change; before: .data)
     from badam_kernels.finetune import data as job_data
@@ -468,21 +468,13 @@ def choose(results, methods, grid):
 
 
 def jobs(a, stage):
-    grid = lr_grid(a)
+    grid = lr_grid(LR_GRID, a.lr)
     if stage == "sweep":
         # the middle lr of every method first, so that a sweep cut short still compares them all
         order = sorted(range(max(len(grid[m]) for m in a.methods)), key=lambda i: (i != 1, i))
         return [(m, grid[m][i], 0) for i in order for m in a.methods if i < len(grid[m])]
     chosen = choose(load_results(), a.methods, grid)
     return [(m, chosen[m], s) for s in range(1, a.seeds) for m in a.methods if m in chosen]
-
-
-def lr_grid(a):
-    grid = dict(LR_GRID)
-    for spec in a.lr or []:
-        name, values = spec.split("=")
-        grid[name] = [float(v) for v in values.split(",")]
-    return grid
 
 
 def run_stage(a, stage):
@@ -517,7 +509,7 @@ def mean_std(values):
 
 def report(a, commands):
     results = load_results()
-    grid = lr_grid(a)
+    grid = lr_grid(LR_GRID, a.lr)
     chosen = choose(results, a.methods, grid)
     counts = json.loads((WORK / "data" / "counts.json").read_text())
     table, sweep = {}, {}

@@ -52,7 +52,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
-from common import LLAMA_SHAPES, command_line, device_record, result_path, write_json  # noqa: E402
+from common import LLAMA_SHAPES, command_line, device_record, lr_grid, result_path, write_json  # noqa: E402
 
 WORK = Path(os.environ.get("QUALITY_WORK", HERE / "work")) / "pretrain"
 
@@ -307,18 +307,10 @@ def run_one(a, method, lr, device, train, val):
               f"{result['tokens_per_s']:,.0f} tok/s", flush=True)
 
 
-def lr_grid(a):
-    grid = dict(LR_GRID)
-    for spec in a.lr or []:
-        name, values = spec.split("=")
-        grid[name] = [float(v) for v in values.split(",")]
-    return grid
-
-
 def run(a):
     device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     train, val = load_tokens("train"), load_tokens("val")
-    grid = lr_grid(a)
+    grid = lr_grid(LR_GRID, a.lr)
     order = sorted(range(3), key=lambda i: (i != 1, i))  # the middle lr of every method first
     todo = [(m, grid[m][i]) for i in order for m in a.methods if i < len(grid[m])]
     t_start = time.perf_counter()
@@ -350,7 +342,7 @@ def report(a, commands):
     payload = dict(what=f"Llama {a.size} from scratch on an offline corpus; validation perplexity (best lr of the sweep, "
                         "one seed) against peak GPU memory at equal tokens",
                    config=dict(size=a.size, shape=SHAPES[a.size], steps=a.steps, batch=a.batch, seq=a.seq,
-                               switch_every=a.switch_every, rank=RANK[a.size], lr_grid=lr_grid(a),
+                               switch_every=a.switch_every, rank=RANK[a.size], lr_grid=lr_grid(LR_GRID, a.lr),
                                schedule="10% linear warm-up, cosine to 10%", precision="bf16 autocast, fp32 weights",
                                quick=a.quick),
                    corpus=manifest, versions_where_reported=peers.versions(),
