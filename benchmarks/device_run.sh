@@ -18,7 +18,7 @@ MAX_JOBS=16 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || {
 echo "build: $(( $(date +%s) - t0 )) s with $(${CXX:-g++} --version | head -1)"
 ldd badam_kernels/_C*.so 2>/dev/null | grep -i "stdc++\|gcc_s" 
 python3 -c "import badam_kernels.ops as o; print(o.backend_report())"
-BENCH=${BENCH:-"tests step e2e_quick"}
+BENCH=${BENCH-"tests step e2e_quick"}  # unset: the default list; set and empty: only the build
 for b in $BENCH; do
   t0=$(date +%s)
   case $b in
@@ -34,6 +34,9 @@ for b in $BENCH; do
              benchmarks/bench_scale.py ${SCALE_ARGS:-} 2>&1 | grep -v "^Parameters with" | tail -30 ;;
     switch) python3 benchmarks/bench_switch.py 2>&1 | tail -30 ;;
     profile) python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} 2>&1 | grep -v "^Parameters with\|USDT" | tail -40 ;;
+    finetune_1b) python3 benchmarks/bench_finetune.py --shape 1b ${FINETUNE_ARGS:-} 2>&1 | tail -30 ;;
+    finetune_8b) python3 benchmarks/bench_finetune.py --shape 8b ${FINETUNE_ARGS:-} 2>&1 | tail -30 ;;
+    ratio) python3 benchmarks/bench_ratio.py ${RATIO_ARGS:-} 2>&1 | tail -30 ;;
     *) echo "unknown benchmark $b" ;;
   esac
   echo "== $b: $(( $(date +%s) - t0 )) s"
