@@ -206,6 +206,21 @@ class BAdamOptions:
         """The keyword arguments of ``BlockOptimizer`` (not the truncation knobs)."""
         return {name: getattr(self, name) for name in OPTIMIZER_OPTIONS}
 
+    def prepare_model(self, model, layers=None):
+        """Apply the truncation knobs to ``model``: ``truncate_backward`` (unless it is installed
+        already) and ``compile_layers`` (which leaves compiled layers alone). Returns the truncation
+        handle, or None where none was installed now."""
+        from .layers import compile_layers
+        from .truncate import is_truncated, truncate_backward
+
+        handle = None
+        if self.truncate and not is_truncated(model, layers):
+            handle = truncate_backward(model, layers=layers, keep_activations=self.keep_activations,
+                                       keep_mode=self.keep_mode)
+        if self.compile_layers:
+            compile_layers(model, layers=layers)  # each new role compiles once, in the first blocks
+        return handle
+
 
 TRUNCATION_OPTIONS: Tuple[str, ...] = ("truncate", "keep_activations", "keep_mode", "compile_layers")
 OPTIMIZER_OPTIONS: Tuple[str, ...] = tuple(f.name for f in dataclasses.fields(BAdamOptions)

@@ -473,16 +473,16 @@ def test_sharded_tied_model_saves_one_copy_and_resumes(tmp_path):
 
 
 def test_keep_activations_is_passed_recorded_and_may_change_on_resume(tmp_path, monkeypatch):
-    import badam_kernels
+    from badam_kernels import truncate
 
     seen = []
-    original = badam_kernels.truncate_backward
+    original = truncate.truncate_backward
 
     def recording(model, **kwargs):
         seen.append((kwargs.get("keep_activations"), kwargs.get("keep_mode")))
         return original(model, **kwargs)
 
-    monkeypatch.setattr(badam_kernels, "truncate_backward", recording)
+    monkeypatch.setattr(truncate, "truncate_backward", recording)
     run = tmp_path / "run"
     assert run_cli("--steps", 1, "--grad-checkpointing", "--keep-activations", 2, "--out", run, *TINY) == 0
     assert json.loads((run / "config.json").read_text())["keep_activations"] == 2

@@ -421,10 +421,10 @@ def test_fused_loss_equals_the_plain_loss_through_tritons_interpreter(tmp_path, 
 
 @pytest.fixture
 def no_compile(monkeypatch):
-    from badam_kernels.integrations import hf
+    from badam_kernels import layers
 
     compiled = []
-    monkeypatch.setattr(hf, "compile_layers", lambda model: compiled.append(model))
+    monkeypatch.setattr(layers, "compile_layers", lambda model, layers=None: compiled.append(model))
     return compiled
 
 
@@ -435,14 +435,16 @@ def test_trainer_fast_switch_patches_compiles_and_keeps(tmp_path, no_compile, mo
 
     from badam_kernels.integrations import hf
 
+    from badam_kernels import truncate
+
     seen = {}
-    original = hf.truncate_backward
+    original = truncate.truncate_backward
 
     def recording(model, **kw):
         seen.update(kw)
         return original(model, **kw)
 
-    monkeypatch.setattr(hf, "truncate_backward", recording)
+    monkeypatch.setattr(truncate, "truncate_backward", recording)
     losses = {}
     for fast in (False, True):
         trainer = hf.BAdamTrainer(model=tiny_llama(), args=trainer_args(tmp_path / str(fast), max_steps=3),

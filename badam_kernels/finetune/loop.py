@@ -166,8 +166,6 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, world: int, total:
     """(optimizer, LR scheduler, truncation handle): AdamW inside the job's BlockOptimizer class with
     the configuration's BAdam options, the truncated backward (after ``shard_model``: it wraps it),
     the compiled layers and the LR schedule (``lr.py``) over ``total`` optimizer steps."""
-    from .. import compile_layers, truncate_backward
-
     base = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     block_optimizer, parallel = optimizer_class(cfg.shard, world)
     try:
@@ -175,9 +173,7 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, world: int, total:
         optimizer = block_optimizer(base, list(model.named_parameters()), **options.optimizer_kwargs(), **parallel)
     except (ValueError, TypeError) as exc:
         raise ConfigError(one_line(exc)) from None
-    truncation = truncate_backward(model, keep_activations=options.keep_activations, keep_mode=options.keep_mode)
-    if options.compile_layers:
-        compile_layers(model)  # each new role compiles once, in the first blocks
+    truncation = options.prepare_model(model)  # after shard_model: it wraps it
     total = total or cfg.steps or 0
     scheduler = build_scheduler(optimizer, cfg.lr_schedule, warmup_steps(cfg.warmup_steps, cfg.warmup_ratio or 0.0,
                                                                         total), total)

@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .. import BlockOptimizer, compile_layers, is_truncated, truncate_backward
+from .. import BlockOptimizer
 from ..options import BAdamOptions, boolean, option, with_default
 
 __all__ = ["BAdamConfig", "BAdamTrainer", "FreeBlockGradsCallback", "make_badam_optimizer"]
@@ -76,10 +76,7 @@ def make_badam_optimizer(model: torch.nn.Module, config: Optional[BAdamOptions] 
         config = _fast(model, config)
     base = torch.optim.AdamW(model.parameters(), **adamw_kwargs)
     optimizer = BlockOptimizer(base, list(model.named_parameters()), **config.optimizer_kwargs())
-    if config.truncate and not is_truncated(model):
-        truncate_backward(model, keep_activations=config.keep_activations, keep_mode=config.keep_mode)
-    if config.compile_layers:
-        compile_layers(model)  # once: layers already compiled are left as they are
+    config.prepare_model(model)
     return optimizer
 
 

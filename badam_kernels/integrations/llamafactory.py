@@ -92,7 +92,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .. import BlockOptimizer, compile_layers, find_layer_stack, is_truncated, truncate_backward
+from .. import BlockOptimizer, find_layer_stack
 from ..options import BAdamOptions, OptionError
 
 __all__ = ["install", "uninstall", "installed", "create_badam_optimizer", "options_from_env", "main"]
@@ -193,10 +193,7 @@ def create_badam_optimizer(model: torch.nn.Module, training_args, finetuning_arg
             func = getattr(layer, "_gradient_checkpointing_func", None)
             if func is not None and hasattr(func, "__wrapped__"):
                 layer._gradient_checkpointing_func = func.__wrapped__
-    if options.truncate and not is_truncated(model, layers):
-        truncate_backward(model, layers, keep_activations=options.keep_activations, keep_mode=options.keep_mode)
-    if options.compile_layers:
-        compile_layers(model, layers)
+    options.prepare_model(model, layers)
     logger.info_rank0(
         f"badam_kernels BlockOptimizer: {optimizer.num_blocks} blocks, switch mode {options.switch_mode}, "
         f"every {options.switch_block_every} steps, start block {optimizer.active_block}, "
