@@ -23,8 +23,8 @@ VERBOSE_ENV = "BADAM_KERNELS_BUILD_VERBOSE"  # =1: print the JIT build's command
 DEFAULT_ARCH_LIST = "9.0"
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("ops.cpp", "fused_adamw.cu")
-OPS = ("adamw_step", "init_state")
+SOURCES = ("ops.cpp", "fused_adamw.cu", "masked_adamw.cu")
+OPS = ("adamw_step", "init_state", "masked_adamw_step")
 CXX_FLAGS = ["-O3"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]  # IEEE division and sqrt (no fast math): the reference's arithmetic
 

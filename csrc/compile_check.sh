@@ -62,7 +62,7 @@ shown = ("prologue", "sumsq", "update_kernel<bf16, bf16, fp32, fp32, true>", "up
 for regs, spill, pretty in sorted(rows, key=lambda r: r[2]):
     if any(s in pretty for s in shown):
         print(f"  {regs:3d} regs  {spill:4d} B spilled  {pretty}")
-for kind in ("adamw_update_kernel", "init_state_kernel"):
+for kind in ("adamw_update_kernel", "init_state_kernel", "masked_adamw_kernel"):
     regs = [r[0] for r in rows if kind in r[2]]
     print(f"  {kind}: {len(regs)} instantiations, {min(regs)}-{max(regs)} regs")
 print(f"  {len(rows)} kernels; spilled bytes in all of them: {sum(r[1] for r in rows)}")
@@ -77,6 +77,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 ops = torch.ops.badam_kernels
 print(" ", ops.adamw_step.default._schema)
 print(" ", ops.init_state.default._schema)
+print(" ", ops.masked_adamw_step.default._schema)
 meta = lambda n, dtype=torch.float32: torch.empty(n, dtype=dtype, device="meta")  # noqa: E731
 
 def step(p, g, w, m, v, s, lr):
@@ -88,6 +89,14 @@ args = (meta(1000, torch.bfloat16), meta(1000, torch.bfloat16), meta(1000), meta
 graph = make_fx(step, tracing_mode="fake", pre_dispatch=False)(*args)
 assert "badam_kernels.adamw_step" in graph.code and "badam_kernels.init_state" in graph.code
 assert step(*args).shape == () and ops.adamw_step(*args, 0.9, 0.999, 1e-8, 0.0, 0, None, None, 0.0, False, 0).shape == (0,)
+def masked(p, g, index, w, m, v, base, steps):
+    ops.masked_adamw_step(p, g, index, w, m, v, base, steps, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0, 2)
+
+tiles = 2
+margs = (meta(5000, torch.bfloat16), meta(5000, torch.bfloat16), meta(tiles * 1024, torch.int32), meta(tiles * 1024),
+         meta(tiles * 1024), meta(tiles * 1024), meta(tiles, torch.int64), meta(tiles))
+graph = make_fx(masked, tracing_mode="fake", pre_dispatch=False)(*margs)
+assert "badam_kernels.masked_adamw_step" in graph.code
 print("  Meta kernels and fake tracing: ok")
 EOF
 

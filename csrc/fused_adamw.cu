@@ -36,6 +36,7 @@
 // new step number t and the element index, so it differs from step to step even when a CUDA graph
 // replays a fixed seed, and it does not depend on the grid or on the vectorised/scalar path.
 #include "fused_adamw.h"
+#include "element_types.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -81,26 +82,8 @@ struct Hyper {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Element types, conversions, 8-element packs
+// 8-element packs (the element types and their conversions: element_types.cuh)
 // ---------------------------------------------------------------------------------------------
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
 __device__ __forceinline__ bool is_finite(float x) {
   return (__float_as_uint(x) & 0x7F800000u) != 0x7F800000u;
@@ -504,26 +487,6 @@ int norm_grid(int64_t numel, int device) {
   const int64_t per_block = static_cast<int64_t>(kThreads) * kPack * kNormUnroll;
   const int64_t wanted = std::max<int64_t>(1, (numel + per_block - 1) / per_block);
   return static_cast<int>(std::min<int64_t>(wanted, static_cast<int64_t>(sm_count(device)) * kNormBlocksPerSm));
-}
-
-template <typename F>
-void with_param_type(DType t, F&& f) {
-  switch (t) {
-    case DType::kFloat32: return f(Tag<float>{});
-    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    case DType::kFloat16: return f(Tag<__half>{});
-  }
-  TORCH_CHECK(false, "badam_kernels: unsupported dtype code ", static_cast<int>(t));
-}
-
-template <typename F>
-void with_state_type(DType t, F&& f) {
-  switch (t) {
-    case DType::kFloat32: return f(Tag<float>{});
-    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    case DType::kFloat16: break;
-  }
-  TORCH_CHECK(false, "badam_kernels: optimizer states must be fp32 or bf16");
 }
 
 template <typename P, typename G, typename M, typename V, bool kMaster>

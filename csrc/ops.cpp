@@ -7,6 +7,7 @@
 //   adamw_step(...) -> Tensor   the gradient norm as a 0-d fp32 tensor when it was computed
 //                               (max_grad_norm > 0 or check_finite), else an empty tensor of shape [0]
 //   init_state(...) -> ()       master = float(param), exp_avg = exp_avg_sq = 0
+//   masked_adamw_step(...) -> () the ratio mode's Adam step of the masked entries (masked_adamw.h)
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
@@ -18,12 +19,14 @@
 #include <optional>
 
 #include "fused_adamw.h"
+#include "masked_adamw.h"
 
 namespace badam {
 namespace {
 
 constexpr const char* kStep = "badam_kernels::adamw_step";
 constexpr const char* kInit = "badam_kernels::init_state";
+constexpr const char* kMasked = "badam_kernels::masked_adamw_step";
 
 DType param_dtype(const char* op, const char* name, const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -178,6 +181,63 @@ void init_state_cuda(const at::Tensor& param, const std::optional<at::Tensor>& m
   launch_init_state(a);
 }
 
+// A contiguous CUDA tensor on `device` with `numel` elements of dtype `dtype` (the masked op's buffers).
+void check_flat(const char* op, const char* name, const at::Tensor& t, const at::Device& device, int64_t numel,
+                at::ScalarType dtype) {
+  TORCH_CHECK(t.defined() && t.device() == device, op, ": ", name, " must be a tensor on ", device);
+  TORCH_CHECK(t.is_contiguous() && t.numel() == numel, op, ": ", name, " must be a contiguous buffer of ", numel,
+              " elements, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+void masked_adamw_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& index,
+                            const std::optional<at::Tensor>& master, const at::Tensor& exp_avg,
+                            const at::Tensor& exp_avg_sq, const at::Tensor& tile_base, const at::Tensor& tile_step,
+                            double lr, double beta1, double beta2, double eps, double weight_decay, int64_t tile_start,
+                            int64_t num_tiles) {
+  TORCH_CHECK(param.defined() && param.is_cuda() && param.is_contiguous(), kMasked,
+              ": param must be a contiguous CUDA tensor");
+  check_buffer(kMasked, "grad", grad, param);
+  const at::Device device = param.device();
+  const int64_t tiles = tile_base.numel(), entries = tiles * kMaskedTile;
+  check_flat(kMasked, "tile_base", tile_base, device, tiles, at::kLong);
+  check_flat(kMasked, "tile_step", tile_step, device, tiles, at::kFloat);
+  check_flat(kMasked, "index", index, device, entries, at::kInt);
+  check_flat(kMasked, "exp_avg", exp_avg, device, entries, at::kFloat);
+  check_flat(kMasked, "exp_avg_sq", exp_avg_sq, device, entries, at::kFloat);
+  const bool has_master = master.has_value() && master->defined();
+  if (has_master) check_flat(kMasked, "master", *master, device, entries, at::kFloat);
+  TORCH_CHECK(has_master || param.scalar_type() == at::kFloat, kMasked, ": ", param.scalar_type(),
+              " params need a float32 master of the masked entries");
+  TORCH_CHECK(0 <= tile_start && 0 <= num_tiles && tile_start + num_tiles <= tiles, kMasked, ": tiles [", tile_start,
+              ", ", tile_start + num_tiles, ") are outside the ", tiles, " tiles");
+  TORCH_CHECK(0.0 <= beta1 && beta1 < 1.0 && 0.0 <= beta2 && beta2 < 1.0, kMasked, ": betas must lie in [0, 1), got (",
+              beta1, ", ", beta2, ")");
+  TORCH_CHECK(eps >= 0.0 && weight_decay >= 0.0, kMasked, ": eps and weight_decay must be non-negative");
+
+  const c10::cuda::CUDAGuard guard(device);
+  MaskedAdamWLaunch a{};
+  a.param = param.data_ptr();
+  a.grad = grad.const_data_ptr();
+  a.index = index.const_data_ptr<int32_t>();
+  a.master = has_master ? master->data_ptr<float>() : nullptr;
+  a.exp_avg = exp_avg.data_ptr<float>();
+  a.exp_avg_sq = exp_avg_sq.data_ptr<float>();
+  a.tile_base = tile_base.const_data_ptr<int64_t>();
+  a.tile_step = tile_step.data_ptr<float>();
+  a.param_dtype = param_dtype(kMasked, "param", param);
+  a.grad_dtype = param_dtype(kMasked, "grad", grad);
+  a.tile_start = tile_start;
+  a.num_tiles = num_tiles;
+  a.lr = lr;
+  a.beta1 = beta1;
+  a.beta2 = beta2;
+  a.eps = eps;
+  a.weight_decay = weight_decay;
+  a.stream = c10::cuda::getCurrentCUDAStream(param.get_device()).stream();
+  launch_masked_adamw_step(a);
+}
+
 // Meta: shapes only, for torch.compile's fake tensors. The mutations are declared in the schemas.
 at::Tensor adamw_step_meta(const at::Tensor& param, const at::Tensor&, const std::optional<at::Tensor>&,
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
@@ -188,6 +248,10 @@ at::Tensor adamw_step_meta(const at::Tensor& param, const at::Tensor&, const std
 
 void init_state_meta(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&) {}
 
+void masked_adamw_step_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
+                            double, double, double, int64_t, int64_t) {}
+
 }  // namespace
 }  // namespace badam
 
@@ -197,16 +261,22 @@ TORCH_LIBRARY(badam_kernels, m) {
       "Tensor(e!) step, Tensor lr, float beta1, float beta2, float eps, float weight_decay, int decay_numel, "
       "Tensor? grad_scale, Tensor? found_inf, float max_grad_norm, bool check_finite, int seed) -> Tensor");
   m.def("init_state(Tensor param, Tensor(a!)? master, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq) -> ()");
+  m.def(
+      "masked_adamw_step(Tensor(a!) param, Tensor grad, Tensor index, Tensor(b!)? master, Tensor(c!) exp_avg, "
+      "Tensor(d!) exp_avg_sq, Tensor tile_base, Tensor(e!) tile_step, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, int tile_start, int num_tiles) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(badam_kernels, CUDA, m) {
   m.impl("adamw_step", &badam::adamw_step_cuda);
   m.impl("init_state", &badam::init_state_cuda);
+  m.impl("masked_adamw_step", &badam::masked_adamw_step_cuda);
 }
 
 TORCH_LIBRARY_IMPL(badam_kernels, Meta, m) {
   m.impl("adamw_step", &badam::adamw_step_meta);
   m.impl("init_state", &badam::init_state_meta);
+  m.impl("masked_adamw_step", &badam::masked_adamw_step_meta);
 }
 
 // `import badam_kernels._C` loads the library (and so registers the ops); the module itself is empty.

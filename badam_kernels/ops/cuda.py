@@ -2,8 +2,10 @@
 
 ``torch.ops.badam_kernels.adamw_step`` is one fused AdamW step over a block's flat buffers (a norm
 pass when clipping or checking for non-finite gradients, a one-block prologue, one update pass: 28
-bytes per parameter for bf16 params and grads with fp32 master, m and v), and
-``torch.ops.badam_kernels.init_state`` sets master = float(param), m = v = 0 in one pass. Both run on
+bytes per parameter for bf16 params and grads with fp32 master, m and v),
+``torch.ops.badam_kernels.init_state`` sets master = float(param), m = v = 0 in one pass, and
+``torch.ops.badam_kernels.masked_adamw_step`` is the ratio mode's gather-update-scatter of the masked
+entries (one launch, one thread block per tile; ``csrc/masked_adamw.cu``). All run on
 the current stream with no host synchronisation, so they can be captured in a CUDA graph, and they
 have Meta implementations, so torch.compile can trace them.
 
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .._build import load_extension
-from .interface import AdamWStepArgs
+from .interface import AdamWStepArgs, MaskedAdamWStepArgs
 
 NAME = "cuda"
 _SCALAR_CACHE_SIZE = 64
@@ -84,3 +86,9 @@ def adamw_step(args: AdamWStepArgs) -> Optional[Tensor]:
 
 def init_state(param: Tensor, master: Optional[Tensor], exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
     torch.ops.badam_kernels.init_state(param, master, exp_avg, exp_avg_sq)
+
+
+def masked_adamw_step(args: MaskedAdamWStepArgs) -> None:
+    torch.ops.badam_kernels.masked_adamw_step(
+        args.param, args.grad, args.index, args.master, args.exp_avg, args.exp_avg_sq, args.tile_base, args.tile_step,
+        args.lr, args.beta1, args.beta2, args.eps, args.weight_decay, args.tile_start, args.num_tiles)
