@@ -147,8 +147,8 @@ class BlockOptimizerRatio(Optimizer):
         keep_mask: one mask per (shape, ratio), shared by the parameters of that shape; else one each.
         include_embedding, include_lm_head: train the embedding / the output layer too.
     Keyword-only:
-        backend: kernel backend of the masked step (``reference``, ``triton``, or None: the fastest
-            that implements it; see ``ops.resolve_op_backend``).
+        backend: kernel backend of the masked step (``reference``, ``triton``, ``cuda``, or None: the
+            fastest that implements it; see ``ops.resolve_op_backend``).
     """
 
     def __init__(self, param_groups, named_parameters_list, update_ratio=0.1, verbose=1, switch_every=100,

@@ -7,12 +7,20 @@ Methods, each in a fresh process on the GPU, the same random bf16 weights and da
 checkpointing on (every layer trains in ratio mode, so backward runs through all of them):
 
 * ``ours_ratio``: ``badam_kernels.ratio.BlockOptimizerRatio`` (dense gradients, one fused masked
-  Adam launch per step, fp32 master + m + v of the masked entries);
+  Adam launch per step, fp32 master + m + v of the masked entries), its kernel picked automatically;
+  ``ours_ratio_cuda`` and ``ours_ratio_triton`` force the backend;
 * ``badam_ratio``: ``badam.BlockOptimizerRatio`` 1.4 (sparse gradients from a hook, sparse Adam);
   on the tied-embedding 1.2B shape it is built with ``include_lm_head=True``, since it fails on a model
   with no parameter named lm_head (the tied head is frozen with the embedding either way);
 * ``ours_layer``: ``badam_kernels.BlockOptimizer`` (one layer per block, truncated backward), the
   block in the middle of the stack active.
+
+Before the methods, on the GPU, the masked step alone (``ops.masked_adamw_step``) on one flat group of
+the size of a Llama-3-8B layer (218,112,000 bf16 parameters, ``--ratio`` of them masked, steady state:
+master, m and v read and written), for each backend and both mask modes, against its floor: 32 bytes
+per masked entry (index 4, grad 2, master + m + v 12 read and 12 written, param 2) at the measured
+device-to-device copy bandwidth; the scattered gather/scatter moves whole 32-byte sectors, so its floor
+is only the compact part's.
 
 Reported per method: the median step time over the timed steps (forward + backward + step, a switch
 included every ``--switch-every`` steps), the optimizer's step alone, peak memory and the memory held
@@ -37,14 +45,18 @@ SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, batch=2, seq=64),
 }
-METHODS = ("ours_ratio", "badam_ratio", "ours_layer")
+METHODS = ("ours_ratio", "ours_ratio_cuda", "ours_ratio_triton", "badam_ratio", "ours_layer")
+GPU_ONLY = ("ours_ratio_cuda", "ours_ratio_triton")
+KERNEL_NUMEL = 218_112_000  # one Llama-3-8B decoder layer (benchmarks/bench_step.py)
+BYTES_PER_ENTRY = 32
 LR = 1e-5
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                        help="default: all (on the CPU, not the ones that force a GPU kernel)")
     parser.add_argument("--ratio", type=float, default=0.1, help="update_ratio of the ratio modes")
     parser.add_argument("--mask-mode", choices=("adjacent", "scatter"), default="adjacent")
     parser.add_argument("--switch-every", type=int, default=10, help="steps per mask / per block")
@@ -74,11 +86,12 @@ def build_model(shape: str, device: str, checkpointing: bool):
 def build_optimizer(method: str, model, args):
     named = list(model.named_parameters())
     tied = not any("lm_head" in n for n, _ in named)
-    if method == "ours_ratio":
+    if method.startswith("ours_ratio"):
         from badam_kernels.ratio import BlockOptimizerRatio
 
+        backend = method.split("_")[-1] if method != "ours_ratio" else None
         return BlockOptimizerRatio(model.parameters(), named, update_ratio=args.ratio, switch_every=args.switch_every,
-                                   mask_mode=args.mask_mode, lr=LR, verbose=0), None
+                                   mask_mode=args.mask_mode, lr=LR, verbose=0, backend=backend), None
     if method == "badam_ratio":
         import badam
 
@@ -132,6 +145,55 @@ def measure(method: str, args) -> Dict:
     return row
 
 
+def kernel_rows(ratio: float) -> List[Dict]:
+    """The masked step alone on one 8B-layer-sized flat group: ms and GB/s per backend and mask mode."""
+    from triton.testing import do_bench
+
+    from badam_kernels import ops
+
+    def timed(fn) -> float:
+        return do_bench(fn, warmup=25, rep=100)
+
+    src = torch.randn(KERNEL_NUMEL // 2, device="cuda")  # a copy of 2 * numel bytes, read and written
+    dst = torch.empty_like(src)
+    copy_gbps = 2 * src.numel() * 4 / (timed(lambda: dst.copy_(src)) * 1e-3) / 1e9
+    del src, dst
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    param = torch.randn(KERNEL_NUMEL, device="cuda", generator=gen).mul_(0.02).bfloat16()
+    grad = torch.randn(KERNEL_NUMEL, device="cuda", generator=gen).mul_(1e-3).bfloat16()
+    entries = int(KERNEL_NUMEL * ratio)
+    tiles = -(-entries // ops.MASKED_TILE)
+    rows = []
+    for mask_mode in ("adjacent", "scatter"):
+        if mask_mode == "adjacent":
+            offsets = torch.arange(entries, device="cuda") + (KERNEL_NUMEL - entries) // 2
+        else:
+            offsets = torch.randperm(KERNEL_NUMEL, device="cuda", generator=gen)[:entries].sort().values
+        index = torch.full((tiles * ops.MASKED_TILE,), -1, dtype=torch.int32, device="cuda")
+        index[:entries] = offsets.int()
+        del offsets
+        states = ops.MaskedStates(index, param[index.clamp(min=0).long()].float(),
+                                  torch.randn(index.numel(), device="cuda", generator=gen).mul_(1e-3),
+                                  torch.rand(index.numel(), device="cuda", generator=gen).mul_(1e-6),
+                                  torch.zeros(tiles, dtype=torch.int64, device="cuda"),
+                                  torch.ones(tiles, device="cuda"))  # steady state: no tile is fresh
+        for backend in ("cuda", "triton"):
+            try:
+                ms = timed(lambda: ops.masked_adamw_step(param, grad, states, lr=LR, backend=backend))
+            except RuntimeError as exc:  # e.g. the extension is not built here
+                rows.append(dict(backend=backend, mask_mode=mask_mode, status=str(exc)[:200]))
+                continue
+            gbps = BYTES_PER_ENTRY * entries / (ms * 1e-3) / 1e9
+            rows.append(dict(backend=backend, mask_mode=mask_mode, status="ok", ms=ms, entries=entries, gbps=gbps,
+                             of_copy=gbps / copy_gbps, floor_ms=BYTES_PER_ENTRY * entries / (copy_gbps * 1e9) * 1e3))
+            print(f"masked step {backend:6s} {mask_mode:8s}: {ms:.3f} ms, {gbps:.0f} GB/s ({gbps / copy_gbps:.0%} of copy)",
+                  flush=True)
+        del states, index
+    for row in rows:
+        row["copy_gbps"] = copy_gbps
+    return rows
+
+
 def safe_measure(method: str, args) -> Dict:
     try:
         return measure(method, args)
@@ -164,8 +226,9 @@ def main(argv=None) -> int:
     if args.shape != "tiny" and not on_gpu:
         print(f"--shape {args.shape} needs a CUDA device (use --shape tiny on CPU)", file=sys.stderr)
         return 2
+    kernel = in_fresh_process(kernel_rows, args.ratio) if on_gpu else []
     rows = []
-    for method in args.methods:
+    for method in args.methods or [m for m in METHODS if on_gpu or m not in GPU_ONLY]:
         row = in_fresh_process(safe_measure, method, args) if on_gpu else safe_measure(method, args)
         rows.append(row)
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
@@ -173,7 +236,7 @@ def main(argv=None) -> int:
     stem = f"ratio_{args.shape}"
     payload = dict(shape=args.shape, spec=SHAPES[args.shape], ratio=args.ratio, mask_mode=args.mask_mode,
                    switch_every=args.switch_every, steps=args.steps, warmup=args.warmup,
-                   checkpointing=args.checkpointing, rows=rows)
+                   checkpointing=args.checkpointing, masked_step_8b_layer=kernel, rows=rows)
     write_json(stem, payload)
     plot(rows, result_path(stem, "png"), f"ratio mode, {args.shape}, ratio {args.ratio} ({args.mask_mode})")
     return 0

@@ -369,7 +369,8 @@ def step_args(t, master=True):
     return t["param"], t["grad"], states
 BACKENDS = [pytest.param("triton", "cpu", marks=pytest.mark.skipif(not triton_interpreting(), reason="no interpreter"),
                          id="triton-interpreted"),
-            pytest.param("triton", "cuda", marks=pytest.mark.gpu, id="triton-cuda")]
+            pytest.param("triton", "cuda", marks=pytest.mark.gpu, id="triton-cuda"),
+            pytest.param("cuda", "cuda", marks=pytest.mark.gpu, id="cuda")]
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -399,12 +400,43 @@ def test_backend_matches_reference(backend, device, dtype, tiles):
     assert torch.equal(got["param"][untouched], inputs["param"][untouched])
 
 
-@pytest.mark.skipif(not triton_interpreting(), reason="needs Triton's interpreter on CPU")
-def test_optimizer_on_triton_matches_reference():
-    kw = dict(switch_every=2, update_ratio=0.3, mask_mode="scatter")
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_optimizer_on_each_backend_matches_reference(backend, device):
+    kw = dict(switch_every=2, update_ratio=0.3, mask_mode="scatter", model_fn=lambda d: tiny_llama(d, device=device))
     ref, _ = run(BlockOptimizerRatio, 3, backend="reference", **kw)
-    tri, _ = run(BlockOptimizerRatio, 3, backend="triton", **kw)
-    assert max_rel_diff(ref, tri) < 1e-5
+    got, _ = run(BlockOptimizerRatio, 3, backend=backend, **kw)
+    assert max_rel_diff(ref, got) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_kernel_equals_the_reference_to_the_bit(dtype):
+    """The CUDA kernel rounds each operation on its own in the reference's order (csrc/masked_adamw.cu)."""
+    inputs = masked_inputs(dtype, "cuda")
+    results = {}
+    for name in ("reference", "cuda"):
+        t = {k: (v.clone() if v is not None else None) for k, v in inputs.items()}
+        for _ in range(3):
+            ops.masked_adamw_step(*step_args(t), backend=name, lr=3e-3, betas=(0.9, 0.99), weight_decay=0.05)
+        results[name] = t
+    for key, ref in results["reference"].items():
+        if ref is not None:
+            assert torch.equal(results["cuda"][key], ref), key
+
+
+@pytest.mark.gpu
+def test_cuda_op_names_bad_inputs():
+    t = masked_inputs(torch.bfloat16, "cuda")
+    op = torch.ops.badam_kernels.masked_adamw_step
+    ops.load_backend("cuda")  # builds or loads the extension
+    args = lambda **kw: [kw.get(k, t[k]) for k in ("param", "grad", "index", "master", "exp_avg", "exp_avg_sq",  # noqa: E731
+                                                   "tile_base", "tile_step")]
+    with pytest.raises(RuntimeError, match="index must be Int"):
+        op(*args(index=t["index"].long()), 1e-3, 0.9, 0.999, 1e-8, 0.0, 0, 6)
+    with pytest.raises(RuntimeError, match="BFloat16 params need a float32 master"):
+        op(*args(master=None), 1e-3, 0.9, 0.999, 1e-8, 0.0, 0, 6)
+    with pytest.raises(RuntimeError, match=r"tiles \[4, 7\) are outside the 6 tiles"):
+        op(*args(), 1e-3, 0.9, 0.999, 1e-8, 0.0, 4, 3)
 
 
 @pytest.mark.gpu
