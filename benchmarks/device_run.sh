@@ -37,6 +37,13 @@ for b in $BENCH; do
     finetune_1b) python3 benchmarks/bench_finetune.py --shape 1b ${FINETUNE_ARGS:-} 2>&1 | tail -30 ;;
     finetune_8b) python3 benchmarks/bench_finetune.py --shape 8b ${FINETUNE_ARGS:-} 2>&1 | tail -30 ;;
     ratio) python3 benchmarks/bench_ratio.py ${RATIO_ARGS:-} 2>&1 | tail -30 ;;
+    # LLaMA-Factory 0.9.5 with its pins (transformers 5.6, peft 0.18.1, trl 0.24, ...), carried as wheels in
+    # .whl-lf (the command in bench_llamafactory.py's docstring), first on the path for this benchmark only
+    llamafactory)
+      [ -d .whl-lf ] || { echo "llamafactory: carry .whl-lf (bench_llamafactory.py's docstring)"; continue; }
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-lf .whl-lf/*.whl
+      PYTHONPATH=/tmp/site-lf:$PYTHONPATH python3 benchmarks/bench_llamafactory.py --shape ${LF_SHAPE:-1b} ${LF_ARGS:-} 2>&1 \
+        | grep -v "^Parameters with" | tail -30 ;;
     *) echo "unknown benchmark $b" ;;
   esac
   echo "== $b: $(( $(date +%s) - t0 )) s"
