@@ -7,11 +7,11 @@ On the GPU machine through ``benchmarks/device_run.sh`` (``BENCH=llamafactory LF
 ``[".whl", ".whl-lf"]``), after fetching here what its image lacks or holds in another version (CPython
 3.12 wheels, 19 MB; the versions of ``requirements-llamafactory.txt``)::
 
-    mkdir /tmp/lfw && cd /tmp/lfw && git init -q && ../../work/shared/tools/device-wheels transformers==5.6.0 \
+    repo=$PWD; mkdir /tmp/lfw && cd /tmp/lfw && git init -q && $repo/../shared/tools/device-wheels transformers==5.6.0 \
       tokenizers==0.22.2 peft==0.18.1 trl==0.24.0 accelerate==1.11.0 datasets==4.0.0 dill==0.3.8 \
       multiprocess==0.70.16 omegaconf==2.4.0 fire==0.7.1 termcolor==3.3.0 tyro==0.8.14 shtab==1.13.0 \
       docstring_parser==0.18.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
-      typing-inspection==0.4.5 llamafactory==0.9.5 badam==1.4 && cp .whl/*.whl /work/main/.whl-lf/
+      typing-inspection==0.4.5 llamafactory==0.9.5 badam==1.4 && mkdir -p $repo/.whl-lf && cp .whl/*.whl $repo/.whl-lf/
     scripts/venv-llamafactory python benchmarks/bench_llamafactory.py --shape tiny --examples 64   # CPU smoke run
 
 What it does:
