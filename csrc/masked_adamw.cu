@@ -41,22 +41,8 @@ constexpr int kThreads = 256;
 constexpr int kEntriesPerThread = kMaskedTile / kThreads;
 static_assert(kMaskedTile % kThreads == 0, "a tile is a whole number of thread rows");
 
-struct MaskedArgs {
-  void* param;
-  const void* grad;
-  const int32_t* index;
-  float* master;
-  float* exp_avg;
-  float* exp_avg_sq;
-  const int64_t* tile_base;
-  float* tile_step;
-  int64_t tile_start;
-  double lr, beta1, beta2;
-  float one_minus_beta1, one_minus_beta2, eps, decay;  // rounded to fp32 as torch rounds Python scalars
-};
-
 template <typename P, typename G, bool kMaster>
-__global__ void __launch_bounds__(kThreads) masked_adamw_kernel(MaskedArgs a) {
+__global__ void __launch_bounds__(kThreads) masked_adamw_kernel(MaskedAdamWLaunch a) {
   const int64_t tile = a.tile_start + blockIdx.x;
   __shared__ float tile_step;
   if (threadIdx.x == 0) {
@@ -68,6 +54,9 @@ __global__ void __launch_bounds__(kThreads) masked_adamw_kernel(MaskedArgs a) {
   const double t = static_cast<double>(tile_step) + 1.0;  // the step size in fp64, as the reference computes it
   const float neg_step_size = -static_cast<float>(a.lr * sqrt(1.0 - pow(a.beta2, t)) / (1.0 - pow(a.beta1, t)));
   const int64_t base = a.tile_base[tile];
+  // fp32 constants rounded as torch rounds Python scalars for fp32 tensors
+  const float one_minus_beta1 = static_cast<float>(1.0 - a.beta1), one_minus_beta2 = static_cast<float>(1.0 - a.beta2);
+  const float eps = static_cast<float>(a.eps), decay = static_cast<float>(1.0 - a.lr * a.weight_decay);
 
   P* __restrict__ param = static_cast<P*>(a.param);
   const G* __restrict__ grad = static_cast<const G*>(a.grad);
@@ -88,10 +77,10 @@ __global__ void __launch_bounds__(kThreads) masked_adamw_kernel(MaskedArgs a) {
       m = a.exp_avg[k];
       v = a.exp_avg_sq[k];
     }
-    w = __fmul_rn(w, a.decay);
-    m = __fadd_rn(m, __fmul_rn(__fsub_rn(g, m), a.one_minus_beta1));
-    v = __fadd_rn(v, __fmul_rn(__fsub_rn(__fmul_rn(g, g), v), a.one_minus_beta2));
-    w = __fadd_rn(w, __fmul_rn(__fdiv_rn(m, __fadd_rn(__fsqrt_rn(v), a.eps)), neg_step_size));
+    w = __fmul_rn(w, decay);
+    m = __fadd_rn(m, __fmul_rn(__fsub_rn(g, m), one_minus_beta1));
+    v = __fadd_rn(v, __fmul_rn(__fsub_rn(__fmul_rn(g, g), v), one_minus_beta2));
+    w = __fadd_rn(w, __fmul_rn(__fdiv_rn(m, __fadd_rn(__fsqrt_rn(v), eps)), neg_step_size));
     if constexpr (kMaster) a.master[k] = w;
     a.exp_avg[k] = m;
     a.exp_avg_sq[k] = v;
@@ -100,8 +89,8 @@ __global__ void __launch_bounds__(kThreads) masked_adamw_kernel(MaskedArgs a) {
 }
 
 template <typename P, typename G, bool kMaster>
-void launch(const MaskedArgs& args, int64_t num_tiles, cudaStream_t stream) {
-  masked_adamw_kernel<P, G, kMaster><<<static_cast<unsigned int>(num_tiles), kThreads, 0, stream>>>(args);
+void launch(const MaskedAdamWLaunch& a) {
+  masked_adamw_kernel<P, G, kMaster><<<static_cast<unsigned int>(a.num_tiles), kThreads, 0, a.stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -110,31 +99,14 @@ void launch(const MaskedArgs& args, int64_t num_tiles, cudaStream_t stream) {
 void launch_masked_adamw_step(const MaskedAdamWLaunch& a) {
   if (a.num_tiles == 0) return;
   TORCH_CHECK(a.num_tiles <= 0x7FFFFFFF, "badam_kernels: ", a.num_tiles, " tiles exceed one launch's grid");
-  MaskedArgs args{};
-  args.param = a.param;
-  args.grad = a.grad;
-  args.index = a.index;
-  args.master = a.master;
-  args.exp_avg = a.exp_avg;
-  args.exp_avg_sq = a.exp_avg_sq;
-  args.tile_base = a.tile_base;
-  args.tile_step = a.tile_step;
-  args.tile_start = a.tile_start;
-  args.lr = a.lr;
-  args.beta1 = a.beta1;
-  args.beta2 = a.beta2;
-  args.one_minus_beta1 = static_cast<float>(1.0 - a.beta1);
-  args.one_minus_beta2 = static_cast<float>(1.0 - a.beta2);
-  args.eps = static_cast<float>(a.eps);
-  args.decay = static_cast<float>(1.0 - a.lr * a.weight_decay);
   with_param_type(a.param_dtype, [&](auto p) {
     using P = typename decltype(p)::type;
     with_param_type(a.grad_dtype, [&](auto g) {
       using G = typename decltype(g)::type;
       if (a.master != nullptr) {
-        launch<P, G, true>(args, a.num_tiles, a.stream);
+        launch<P, G, true>(a);
       } else if constexpr (std::is_same<P, float>::value) {  // fp32 params are their own master
-        launch<P, G, false>(args, a.num_tiles, a.stream);
+        launch<P, G, false>(a);
       } else {
         TORCH_CHECK(false, "badam_kernels: masked_adamw_step: low-precision params need a float32 master");
       }
