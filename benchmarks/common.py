@@ -105,6 +105,14 @@ def in_fresh_process(fn, *args, **kwargs):
         return pool.submit(fn, *args, **kwargs).result()
 
 
+def side_by_side(fn, jobs, workers: int) -> list:
+    """``[fn(job) for job in jobs]``, computed by ``workers`` freshly spawned processes at once, each
+    taking the next job when it is free (the quality studies' small models leave a GPU mostly idle)."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        return list(pool.map(fn, jobs))
+
+
 def just_switched(opt) -> bool:
     """Did the step just taken end with a block switch? (badam 1.4 has no flag; its rule is this.)"""
     if hasattr(opt, "switched"):

@@ -41,6 +41,7 @@ gives held-out accuracy (reasoning-gym's ``score_answer``; exact = score 1.0) as
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -57,7 +58,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
-from common import command_line, device_record, lr_grid, result_path, write_json  # noqa: E402
+from common import command_line, device_record, lr_grid, result_path, side_by_side, write_json  # noqa: E402
 
 try:  # the main job's data module (badam_kernels.finetune.data since the layout change; before: .data)
     from badam_kernels.finetune import data as job_data
@@ -482,17 +483,17 @@ def run_stage(a, stage):
     t_start = time.time()
     todo = [j for j in jobs(a, stage) if not (WORK / "results" / f"{run_name(*j)}.json").is_file()]
     print(f"{stage}: {len(todo)} runs to do" + (f", {a.workers} at a time" if a.workers > 1 else ""), flush=True)
-    if a.workers > 1:
-        started = run_side_by_side(a, todo, t_start)
-    else:
-        started = sum(run_within_budget(a, WORK, j, t_start) for j in todo)
+    # side by side: a 135M model's steps are bound by host work, so one run leaves the GPU mostly idle;
+    # each run's peak memory stays its own process', its wall time is marked with concurrent_runs
+    run = functools.partial(run_within_budget, a, WORK, t_start)
+    started = sum(side_by_side(run, todo, a.workers) if a.workers > 1 else map(run, todo))
     if started < len(todo):
         print(f"budget of {a.budget_s} s spent; {len(todo) - started} of {len(todo)} runs left; run again to go on")
         return 3
     return 0
 
 
-def run_within_budget(a, work, job, t_start) -> bool:
+def run_within_budget(a, work, t_start, job) -> bool:
     """Run ``job`` unless the budget is spent (then False). ``work``: the work folder, for a worker process."""
     global WORK
     WORK = work
@@ -503,21 +504,6 @@ def run_within_budget(a, work, job, t_start) -> bool:
     device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     run_one(a, *job, device)
     return True
-
-
-def run_side_by_side(a, todo, t_start) -> int:
-    """The runs in ``--workers`` processes on the one device, each taking the next run when it is free.
-
-    A 135M model leaves a GPU mostly idle (its steps are bound by host work), so runs side by side
-    finish the study in a fraction of the device time. Each run's peak memory is its own process'
-    (or its badam-finetune process'); its wall time is measured beside the others', recorded as
-    ``concurrent_runs`` in its JSON. Returns how many runs were started.
-    """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return sum(pool.map(run_within_budget, [a] * len(todo), [WORK] * len(todo), todo, [t_start] * len(todo)))
 
 
 def rescore():
