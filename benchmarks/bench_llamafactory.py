@@ -27,7 +27,7 @@ What it does:
 3. Each method in a fresh process, through LLaMA-Factory's own CLI entry (``llamafactory.cli.main``, what
    ``llamafactory-cli`` runs): ``official`` as it is; ``ours`` after
    ``badam_kernels.integrations.llamafactory.install()`` (what ``badam-llamafactory`` does); ``ours_fast`` with
-   ``BADAM_KERNELS_COMPILE=1`` too. The only addition to the run is a callback that times each step
+   ``BADAM_KERNELS_COMPILE=1`` and ``enable_liger_kernel: true`` too (the main job's fast path). The only addition to the run is a callback that times each step
    (synchronised), counts its tokens (``include_num_input_tokens_seen``) and reads the peak allocated memory.
 
 Reports, per method: tokens/s over the block epoch (warmup steps excluded; steps taking over 5x the median,
@@ -55,10 +55,12 @@ SPECIAL = ["<pad>", "<s>", "</s>"]
 WORDS = ("the of and to in is was that for on with as by at from his her they be this which an are have not had "
          "one were all but we there when can more will what about would their if so up out said some time like "
          "only into over also after new first two may any most such then these should year make way people").split()
-METHODS = {  # method -> (install badam_kernels, extra environment)
-    "official": (False, {}),
-    "ours": (True, {}),
-    "ours_fast": (True, {"BADAM_KERNELS_COMPILE": "1"}),
+METHODS = {  # method -> (install badam_kernels, extra environment, extra YAML)
+    "official": (False, {}, {}),
+    "ours": (True, {}, {}),
+    # the main job's fast path: compiled layers and liger's fused cross-entropy (LLaMA-Factory's own switch)
+    "ours_fast": (True, {"BADAM_KERNELS_COMPILE": "1"}, {"enable_liger_kernel": True}),
+    "official_liger": (False, {}, {"enable_liger_kernel": True}),  # not by default: the official with liger's loss
 }
 
 
@@ -300,7 +302,7 @@ def main(argv=None) -> int:
     results = {}
     for method in methods:
         config = work / f"{method}.yaml"
-        write_yaml(config, **sft_yaml(model, data, work / f"out_{method}", **overrides))
+        write_yaml(config, **sft_yaml(model, data, work / f"out_{method}", **overrides, **METHODS[method][2]))
         record = work / f"{method}.jsonl"
         t1 = time.perf_counter()
         code = run_method(method, config, record, args.timeout)

@@ -216,3 +216,16 @@ def test_bench_llamafactory_tiny_runs_both_methods(tmp_path):
     assert results["ours"]["optimizer"] == "badam_kernels.optimizer.BlockOptimizer"
     assert results["ours"]["steps_measured"] == 4 and results["ours"]["tokens_per_s"] > 0
     assert abs(results["ours"]["final_loss"] - results["official"]["final_loss"]) < 1e-3
+
+
+def test_memory_budget_plans_the_kept_layers_for_the_yamls_batch(tmp_path):
+    """BADAM_KERNELS_MEMORY_BUDGET: the main job's plan for the YAML's batch x cutoff_len, logged, and applied."""
+    _venv()
+    work = tmp_path
+    subprocess.run([str(VENV_PY), "-c", PREPARE.format(bench=str(ROOT / "benchmarks"), work=str(work))], check=True,
+                   capture_output=True, timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    config = _yaml(work / "run.yaml", work, work / "out", max_steps=2, save_steps=100)
+    log = _run(["-m", "badam_kernels.integrations.llamafactory", "train", str(config)], work / "run.log",
+               BADAM_KERNELS_MEMORY_BUDGET="1000")
+    assert "gradient checkpointing, 4 of 4 layers keep their activations" in log
+    assert "(2 x 64 tokens a micro-batch at most)" in log and "keep activations all" in log

@@ -39,11 +39,9 @@ The ``badam_*`` options:
 
 ==========================  ===========================================================================
 ``badam_mode: layer``       :class:`badam_kernels.BlockOptimizer`
-``badam_mode: ratio``       ``badam_kernels.ratio.BlockOptimizerRatio`` where this package has it, else the
-                            official ``badam.BlockOptimizerRatio`` (one warning says so; it alone keeps the
-                            official per-tensor clipping, for its sparse gradients); either without the
-                            ``fused`` flag that makes ``llamafactory-cli`` fail in ratio mode under
-                            transformers 5.x's default ``optim``
+``badam_mode: ratio``       ``badam_kernels.BlockOptimizerRatio`` (dense gradients, Accelerate's own
+                            clipping), without the ``fused`` flag that makes ``llamafactory-cli`` fail in
+                            ratio mode under transformers 5.x's default ``optim``
 ``badam_start_block``       ``start_block``
 ``badam_switch_mode``       ``switch_mode`` (ascending, descending, random, fixed; LLaMA-Factory's default
                             is ascending)
@@ -78,6 +76,10 @@ The fast path, opt-in by environment variable (LLaMA-Factory rejects unknown YAM
 * ``BADAM_KERNELS_KEEP_ACTIVATIONS=N|all``: gradient checkpointing recomputes every layer from the active
   block up except the top N (``all``: none); unset, LLaMA-Factory's own checkpoint function stays, which
   keeps the activations of every frozen layer above the active block (the same as ``all``);
+* ``BADAM_KERNELS_MEMORY_BUDGET=GiB``: N chosen as the main job chooses it (``finetune/plan.py``): the most
+  top layers whose activations fit the budget, for the YAML's ``per_device_train_batch_size`` x
+  ``cutoff_len`` tokens (the longest a batch can be), its ``enable_liger_kernel`` and the compiled or eager
+  layers; the plan is logged (an explicit ``BADAM_KERNELS_KEEP_ACTIVATIONS`` wins);
 * ``BADAM_KERNELS_KEEP_MODE=all|matmuls``: what the kept layers keep (``truncate_backward``'s ``keep_mode``);
 * ``BADAM_KERNELS_STATE_POLICY=reset|offload``, ``BADAM_KERNELS_BACKEND=reference|triton|cuda``;
 * ``BADAM_KERNELS_TRUNCATE=0``: no truncated backward;
@@ -86,6 +88,7 @@ The fast path, opt-in by environment variable (LLaMA-Factory rejects unknown YAM
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 from typing import Any, Dict, List, Optional
@@ -95,7 +98,8 @@ import torch
 from .. import BlockOptimizer, find_layer_stack
 from ..options import BAdamOptions, OptionError
 
-__all__ = ["install", "uninstall", "installed", "create_badam_optimizer", "options_from_env", "main"]
+__all__ = ["install", "uninstall", "installed", "create_badam_optimizer", "options_from_env", "memory_budget_from_env",
+           "planned_activations", "main"]
 
 ENV_PREFIX = "BADAM_KERNELS_"
 _ENV_OPTIONS = {  # environment variable (after the prefix) -> BAdamOptions field
@@ -137,6 +141,21 @@ def options_from_env(environ=None) -> Dict[str, Any]:
         else:
             found[field] = text
     return found
+
+
+def memory_budget_from_env(environ=None) -> Optional[float]:
+    """``BADAM_KERNELS_MEMORY_BUDGET`` in GiB, or None where it is unset."""
+    environ = os.environ if environ is None else environ
+    text = environ.get(ENV_PREFIX + "MEMORY_BUDGET", "").strip()
+    if not text:
+        return None
+    try:
+        budget = float(text)
+    except ValueError:
+        budget = -1.0
+    if not budget > 0:
+        raise ValueError(f"{ENV_PREFIX}MEMORY_BUDGET must be a positive number of GiB, got {text!r}")
+    return budget
 
 
 def badam_options(finetuning_args, num_blocks: int, environ=None) -> BAdamOptions:
@@ -185,7 +204,16 @@ def create_badam_optimizer(model: torch.nn.Module, training_args, finetuning_arg
     log = logger.info_rank0 if options.verbose >= 1 else None
     optimizer = BlockOptimizer(base, list(model.named_parameters()), log_fn=log, **options.optimizer_kwargs())
     layers = find_layer_stack(model)
-    if "keep_activations" in options_from_env():
+    budget = memory_budget_from_env()
+    if budget is not None and "keep_activations" not in options_from_env():
+        seq_len, fused_ce = _yaml_tokens_and_loss()
+        plan = planned_activations(model, training_args, budget, options.compile_layers, seq_len, fused_ce)
+        logger.info_rank0(f"badam-llamafactory: {plan.describe()} "
+                          f"({training_args.per_device_train_batch_size} x {seq_len} tokens a micro-batch at most)")
+        for note in plan.notes:
+            logger.warning_rank0(f"badam-llamafactory: {note}")
+        options = dataclasses.replace(options, keep_activations=plan.keep_activations)
+    if "keep_activations" in options_from_env() or budget is not None:
         # LLaMA-Factory's checkpoint function (get_custom_gradient_checkpointing_func) never checkpoints a
         # layer without trainable parameters, i.e. it keeps every frozen layer's activations; for a budget,
         # go back to the plain function it wraps and let truncate_backward keep the top N layers
@@ -199,27 +227,45 @@ def create_badam_optimizer(model: torch.nn.Module, training_args, finetuning_arg
         f"every {options.switch_block_every} steps, start block {optimizer.active_block}, "
         f"{'fused AdamW' if optimizer.fused else type(base).__name__ + ' step'}, state policy "
         f"{options.state_policy}, truncated backward {'on' if options.truncate else 'off'}, keep activations "
-        f"{options.keep_activations if 'keep_activations' in options_from_env() else 'LLaMA-Factory default'}, "
+        f"{options.keep_activations if 'keep_activations' in options_from_env() or budget else 'LLaMA-Factory default'}, "
         f"compiled layers {'on' if options.compile_layers else 'off'}")
     return optimizer
 
 
+def _yaml_tokens_and_loss():
+    """(``cutoff_len``, ``enable_liger_kernel``) of the run's arguments, parsed again as LLaMA-Factory parsed
+    them (its optimizer-creation point is not given them)."""
+    from llamafactory.hparams import DataArguments, ModelArguments
+    from llamafactory.hparams.parser import _parse_args
+    from transformers import HfArgumentParser
+
+    # only these two: building TrainingArguments again would reset Accelerate's state mid-run
+    model_args, data_args = _parse_args(HfArgumentParser((ModelArguments, DataArguments)), allow_extra_keys=True)
+    return data_args.cutoff_len, bool(model_args.enable_liger_kernel)
+
+
+def planned_activations(model, training_args, budget_gib: float, compiled: bool, seq_len: int, fused_ce: bool):
+    """The main job's plan (``finetune/plan.make_plan``) for this model under gradient checkpointing: how many
+    top layers keep their activations within ``budget_gib`` for ``per_device_train_batch_size`` x ``seq_len``
+    tokens, with liger's fused loss or the plain one, compiled or eager layers."""
+    from ..finetune.plan import GiB, DeviceFacts, ModelShape, make_plan
+
+    return make_plan(ModelShape.from_model(model), training_args.per_device_train_batch_size, seq_len,
+                     DeviceFacts(next(model.parameters()).device.type), fast="on", budget_bytes=int(budget_gib * GiB),
+                     fused_ce=fused_ce, compile_layers=compiled, grad_checkpointing=True)
+
+
 def _create_ratio_optimizer(model, training_args, finetuning_args):
-    """``badam_mode: ratio``: this package's ``BlockOptimizerRatio`` (a drop-in for the official one) where it
-    exists, else the official ``badam.BlockOptimizerRatio``, built as LLaMA-Factory builds it, less the
-    ``fused``/``foreach`` flags that transformers 5.x's default ``optim`` (adamw_torch_fused) adds and the
-    official class rejects (``llamafactory-cli`` itself fails there with a TypeError unless ``optim: adamw_torch``)."""
+    """``badam_mode: ratio``: this package's ``BlockOptimizerRatio`` (a drop-in for the official one), built as
+    LLaMA-Factory builds the official, less the ``fused``/``foreach`` flags that transformers 5.x's default
+    ``optim`` (adamw_torch_fused) adds and the official class rejects (``llamafactory-cli`` itself fails there
+    with a TypeError unless ``optim: adamw_torch``)."""
     from llamafactory.train.trainer_utils import _get_decay_parameter_names
     from transformers import Trainer
 
-    try:
-        from ..ratio import BlockOptimizerRatio  # dense gradients: Accelerate's own clipping
-        _State.official_clip = False
-    except ImportError:
-        from badam import BlockOptimizerRatio  # sparse gradients: the official per-tensor clipping
-        _logger().warning_rank0("badam-llamafactory: badam_kernels has no BlockOptimizerRatio yet; badam_mode "
-                                "ratio uses the official badam.BlockOptimizerRatio")
-        _State.official_clip = True
+    from ..ratio import BlockOptimizerRatio
+
+    _State.official_clip = False  # dense gradients: Accelerate's own clipping
     decay_names = _get_decay_parameter_names(model)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and n in decay_names]
     nodecay = [p for n, p in model.named_parameters() if p.requires_grad and n not in decay_names]
@@ -315,7 +361,7 @@ USAGE = """usage: badam-llamafactory train CONFIG.yaml [key=value ...]
 LLaMA-Factory's `llamafactory-cli` with badam_kernels in place of the official BAdam: a YAML with
 `use_badam: true` trains with badam_kernels.BlockOptimizer and truncated backward. Every other command
 and argument is llamafactory-cli's own. Fast path (environment): BADAM_KERNELS_COMPILE=1,
-BADAM_KERNELS_KEEP_ACTIVATIONS=N|all, BADAM_KERNELS_KEEP_MODE=all|matmuls,
+BADAM_KERNELS_KEEP_ACTIVATIONS=N|all, BADAM_KERNELS_MEMORY_BUDGET=GiB, BADAM_KERNELS_KEEP_MODE=all|matmuls,
 BADAM_KERNELS_STATE_POLICY=reset|offload, BADAM_KERNELS_BACKEND, BADAM_KERNELS_TRUNCATE=0."""
 
 
@@ -334,6 +380,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0 if argv else 2
     try:
         options_from_env()
+        memory_budget_from_env()
     except ValueError as exc:
         print(f"badam-llamafactory: error: {exc}", file=sys.stderr)
         return 2
