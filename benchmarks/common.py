@@ -129,6 +129,25 @@ def median(values):
     return values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
 
 
+def sweep_lrs(grid: list, scores: dict, extend: int = 2, factor: float = 3.0) -> list:
+    """The learning rates a sweep must try: ``grid``, and, once every one of them is done, one more
+    step of ``factor`` beyond an edge where the best score so far lies, up to ``extend`` steps, so that
+    the chosen lr is not a grid edge unless ``extend`` ran out. ``scores``: lr -> score of the runs
+    done (higher is better)."""
+    lrs = sorted(grid)
+    for _ in range(extend):
+        if not all(lr in scores for lr in lrs):
+            break  # the grid (or the last step out) is not done yet
+        best = max(lrs, key=lambda lr: scores[lr])
+        if best == lrs[-1]:
+            lrs.append(float(f"{lrs[-1] * factor:.3g}"))
+        elif best == lrs[0]:
+            lrs.insert(0, float(f"{lrs[0] / factor:.3g}"))
+        else:
+            break
+    return lrs
+
+
 def lr_grid(defaults: dict, overrides=None) -> dict:
     """The learning rates a sweep tries per method: ``defaults``, with ``--lr METHOD=a,b,c`` overrides."""
     grid = dict(defaults)

@@ -58,7 +58,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
-from common import command_line, device_record, lr_grid, result_path, side_by_side, write_json  # noqa: E402
+from common import command_line, device_record, lr_grid, result_path, side_by_side, sweep_lrs, write_json  # noqa: E402
 
 try:  # the main job's data module (badam_kernels.finetune.data since the layout change; before: .data)
     from badam_kernels.finetune import data as job_data
@@ -457,40 +457,57 @@ def load_results():
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
-def choose(results, methods, grid):
-    """method -> the lr with the best validation exact accuracy at seed 0 (ties: lower validation loss);
-    only methods whose whole sweep is done."""
+def rank(run) -> tuple:
+    """How a sweep compares runs: validation exact accuracy, then score, then lower validation loss."""
+    if run["status"] != "ok":
+        return (-math.inf,)
+    return (run["val"]["exact_mean"], run["val"]["score_mean"], -run["val_loss_curve"][-1][1])
+
+
+def method_lrs(a, method, results, grid) -> list:
+    """``method``'s sweep: its grid, stepped out (x3) past an edge that is best, ``--extend`` times at most."""
+    swept = [r for r in results if r["method"] == method and r["seed"] == 0]
+    if not any(r["status"] == "ok" for r in swept):
+        return sorted(grid[method])  # nothing ran (or could run): no edge to judge
+    return sweep_lrs(grid[method], {r["lr"]: rank(r) for r in swept}, a.extend)
+
+
+def choose(a, results, methods, grid):
+    """method -> the best lr at seed 0 (``rank``); only methods whose whole sweep (``method_lrs``) is done."""
     chosen = {}
     for m in methods:
         rows = [r for r in results if r["method"] == m and r["seed"] == 0 and r["status"] == "ok"]
-        if {r["lr"] for r in results if r["method"] == m and r["seed"] == 0} >= set(grid[m]) and rows:
-            best = max(rows, key=lambda r: (r["val"]["exact_mean"], r["val"]["score_mean"], -r["val_loss_curve"][-1][1]))
-            chosen[m] = best["lr"]
+        if {r["lr"] for r in results if r["method"] == m and r["seed"] == 0} >= set(method_lrs(a, m, results, grid)) and rows:
+            chosen[m] = max(rows, key=rank)["lr"]
     return chosen
 
 
 def jobs(a, stage):
-    grid = lr_grid(LR_GRID, a.lr)
+    grid, results = lr_grid(LR_GRID, a.lr), load_results()
     if stage == "sweep":
-        # the middle lr of every method first, so that a sweep cut short still compares them all
+        # the middle lr of every method first, so that a sweep cut short still compares them all; then the
+        # rest of the grids, then the steps out past an edge (known once a grid is done)
         order = sorted(range(max(len(grid[m]) for m in a.methods)), key=lambda i: (i != 1, i))
-        return [(m, grid[m][i], 0) for i in order for m in a.methods if i < len(grid[m])]
-    chosen = choose(load_results(), a.methods, grid)
+        first = [(m, sorted(grid[m])[i], 0) for i in order for m in a.methods if i < len(grid[m])]
+        return first + [(m, lr, 0) for m in a.methods for lr in method_lrs(a, m, results, grid) if lr not in grid[m]]
+    chosen = choose(a, results, a.methods, grid)
     return [(m, chosen[m], s) for s in range(1, a.seeds) for m in a.methods if m in chosen]
 
 
 def run_stage(a, stage):
     t_start = time.time()
-    todo = [j for j in jobs(a, stage) if not (WORK / "results" / f"{run_name(*j)}.json").is_file()]
-    print(f"{stage}: {len(todo)} runs to do" + (f", {a.workers} at a time" if a.workers > 1 else ""), flush=True)
-    # side by side: a 135M model's steps are bound by host work, so one run leaves the GPU mostly idle;
-    # each run's peak memory stays its own process', its wall time is marked with concurrent_runs
     run = functools.partial(run_within_budget, a, WORK, t_start)
-    started = sum(side_by_side(run, todo, a.workers) if a.workers > 1 else map(run, todo))
-    if started < len(todo):
-        print(f"budget of {a.budget_s} s spent; {len(todo) - started} of {len(todo)} runs left; run again to go on")
-        return 3
-    return 0
+    while True:  # again while the runs just done add steps out past a grid's edge
+        todo = [j for j in jobs(a, stage) if not (WORK / "results" / f"{run_name(*j)}.json").is_file()]
+        if not todo:
+            return 0
+        print(f"{stage}: {len(todo)} runs to do" + (f", {a.workers} at a time" if a.workers > 1 else ""), flush=True)
+        # side by side: a 135M model's steps are bound by host work, so one run leaves the GPU mostly idle;
+        # each run's peak memory stays its own process', its wall time is marked with concurrent_runs
+        started = sum(side_by_side(run, todo, a.workers) if a.workers > 1 else map(run, todo))
+        if started < len(todo):
+            print(f"budget of {a.budget_s} s spent; {len(todo) - started} of {len(todo)} runs left; run again to go on")
+            return 3
 
 
 def run_within_budget(a, work, t_start, job) -> bool:
@@ -526,7 +543,7 @@ def mean_std(values):
 def report(a, commands):
     results = load_results()
     grid = lr_grid(LR_GRID, a.lr)
-    chosen = choose(results, a.methods, grid)
+    chosen = choose(a, results, a.methods, grid)
     counts = json.loads((WORK / "data" / "counts.json").read_text())
     table, sweep = {}, {}
     for m in a.methods:
@@ -536,11 +553,11 @@ def report(a, commands):
                          val_loss=r["val_loss_curve"][-1][1], train_loss_last10=statistics.mean(r["losses"][-10:]))
                     for r in sorted(mine, key=lambda r: r["lr"]) if r["status"] == "ok" and r["seed"] == 0]
         done = [r for r in mine if r["status"] == "ok" and r["seed"] == 0]
+        lrs = method_lrs(a, m, results, grid)
         if m in chosen:
-            lr, how = chosen[m], f"the whole sweep ({len(grid[m])} lrs)"
+            lr, how = chosen[m], f"the whole sweep ({len(lrs)} lrs)"
         elif done:  # a sweep cut short: the best of the lrs done so far, said as such
-            best = max(done, key=lambda r: (r["val"]["exact_mean"], r["val"]["score_mean"], -r["val_loss_curve"][-1][1]))
-            lr, how = best["lr"], f"a partial sweep: {len(done)} of {len(grid[m])} lrs"
+            lr, how = max(done, key=rank)["lr"], f"a partial sweep: {len(done)} of {len(lrs)} lrs"
         else:
             table[m] = dict(status=bad[0]["status"] if bad else "not run", reason=bad[0].get("reason") if bad else None)
             continue
@@ -652,6 +669,8 @@ def parser():
                    help="runs side by side on the one device, each in a process of its own (wall times then overlap)")
     p.add_argument("--lr", nargs="*", metavar="METHOD=LR,LR,...", help="replace a method's lr grid")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--extend", type=int, default=2,
+                   help="steps of x3 a sweep takes past a grid edge whose lr is best (0: the grid only)")
     p.add_argument("--n-train", type=int, default=2400, help="training questions per task")
     p.add_argument("--n-val", type=int, default=100, help="validation questions per task")
     p.add_argument("--n-test", type=int, default=500, help="held-out questions per task")
@@ -683,6 +702,7 @@ def main(argv=None):
         WORK = Path(os.environ.get("QUALITY_WORK") or tempfile.mkdtemp(prefix="finetune_rg_")) / "finetune_quick"
         a.n_train, a.n_val, a.n_test, a.steps, a.batch, a.seq_len = 8, 2, 3, 4, 4, 96
         a.switch_every, a.evals, a.seeds, a.warmup, a.max_new_tokens = 1, 2, 2, 1, 4
+        a.extend = 0  # one lr a method: no edge to step past (tests/test_quality_sweep.py tests the steps)
         a.lr = (a.lr or []) + [f"{m}={LR_GRID[m][1]:g}" for m in METHODS]  # one lr each: the middle one
         a.device = "cpu" if a.device == "auto" else a.device
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))

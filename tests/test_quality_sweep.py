@@ -1,0 +1,69 @@
+"""The quality studies' learning-rate sweeps step past a grid edge that is best (benchmarks/common.sweep_lrs),
+and finetune_rg.py schedules those steps, then the seeds at the chosen lr."""
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+sys.path.insert(0, str(BENCHMARKS / "quality"))
+from common import sweep_lrs  # noqa: E402
+
+
+@pytest.mark.parametrize("scores,expected", [
+    ({}, [1e-5, 3e-5, 1e-4]),                                          # nothing done: the grid
+    ({1e-5: 1, 3e-5: 2}, [1e-5, 3e-5, 1e-4]),                           # the grid not done yet
+    ({1e-5: 1, 3e-5: 3, 1e-4: 2}, [1e-5, 3e-5, 1e-4]),                  # best inside: no step
+    ({1e-5: 1, 3e-5: 2, 1e-4: 3}, [1e-5, 3e-5, 1e-4, 3e-4]),            # best at the top: one step up
+    ({1e-5: 1, 3e-5: 2, 1e-4: 3, 3e-4: 4}, [1e-5, 3e-5, 1e-4, 3e-4, 9e-4]),
+    ({1e-5: 1, 3e-5: 2, 1e-4: 3, 3e-4: 4, 9e-4: 5}, [1e-5, 3e-5, 1e-4, 3e-4, 9e-4]),  # extend=2 ran out
+    ({1e-5: 3, 3e-5: 2, 1e-4: 1}, [3.33e-6, 1e-5, 3e-5, 1e-4]),         # best at the bottom: one step down
+    ({1e-5: 3, 3e-5: 2, 1e-4: 1, 3.33e-6: 2}, [3.33e-6, 1e-5, 3e-5, 1e-4]),  # the step down was worse: done
+])
+def test_sweep_steps_past_a_best_edge(scores, expected):
+    assert sweep_lrs([3e-5, 1e-5, 1e-4], scores) == expected
+
+
+def _result(folder, method, lr, seed, exact, status="ok"):
+    run = dict(method=method, lr=lr, seed=seed, status=status)
+    if status == "ok":
+        run.update(val=dict(exact_mean=exact, score_mean=exact), val_loss_curve=[[1, 1.0 - exact]])
+    (folder / f"{method}_lr{lr:g}_s{seed}.json").write_text(json.dumps(run))
+
+
+def test_finetune_rg_schedules_the_steps_out_then_the_seeds(tmp_path, monkeypatch):
+    import finetune_rg
+
+    results = tmp_path / "finetune" / "results"
+    results.mkdir(parents=True)
+    monkeypatch.setattr(finetune_rg, "WORK", tmp_path / "finetune")
+    a = Namespace(lr=["adamw=1e-5,3e-5,1e-4", "lora=1e-4,3e-4,1e-3"], methods=["adamw", "lora"], extend=2, seeds=3)
+    assert [j for j in finetune_rg.jobs(a, "sweep")] == [  # middle lrs first, no step out before a grid is done
+        ("adamw", 3e-5, 0), ("lora", 3e-4, 0), ("adamw", 1e-5, 0), ("lora", 1e-4, 0), ("adamw", 1e-4, 0), ("lora", 1e-3, 0)]
+    for lr, exact in ((1e-5, 0.1), (3e-5, 0.2), (1e-4, 0.3)):  # adamw: best at the top edge
+        _result(results, "adamw", lr, 0, exact)
+    for lr, exact in ((1e-4, 0.1), (3e-4, 0.3), (1e-3, 0.2)):  # lora: best inside
+        _result(results, "lora", lr, 0, exact)
+    assert finetune_rg.jobs(a, "sweep")[-1:] == [("adamw", 3e-4, 0)]
+    assert finetune_rg.jobs(a, "seeds") == [("lora", 3e-4, 1), ("lora", 3e-4, 2)]  # adamw's sweep is not done
+    _result(results, "adamw", 3e-4, 0, 0.25)  # the step up is worse: adamw's sweep is done at 1e-4
+    assert finetune_rg.jobs(a, "seeds") == [("adamw", 1e-4, 1), ("lora", 3e-4, 1), ("adamw", 1e-4, 2), ("lora", 3e-4, 2)]
+
+
+def test_failed_runs_count_as_done_and_rank_last(tmp_path, monkeypatch):
+    import finetune_rg
+
+    results = tmp_path / "finetune" / "results"
+    results.mkdir(parents=True)
+    monkeypatch.setattr(finetune_rg, "WORK", tmp_path / "finetune")
+    a = Namespace(lr=["adamw=1e-5,3e-5,1e-4", "lora=1e-4,3e-4,1e-3"], methods=["adamw", "lora"], extend=2, seeds=2)
+    _result(results, "adamw", 1e-5, 0, 0, status="error")  # the bottom edge failed: it is not "best"
+    _result(results, "adamw", 3e-5, 0, 0.2)
+    _result(results, "adamw", 1e-4, 0, 0.1)
+    for lr in (1e-4, 3e-4, 1e-3):  # every lora run failed: no edge to step past, nothing to choose
+        _result(results, "lora", lr, 0, 0, status="OOM")
+    assert [j for j in finetune_rg.jobs(a, "sweep") if not (results / f"{j[0]}_lr{j[1]:g}_s0.json").is_file()] == []
+    assert finetune_rg.jobs(a, "seeds") == [("adamw", 3e-5, 1)]
