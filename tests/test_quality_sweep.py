@@ -67,3 +67,19 @@ def test_failed_runs_count_as_done_and_rank_last(tmp_path, monkeypatch):
         _result(results, "lora", lr, 0, 0, status="OOM")
     assert [j for j in finetune_rg.jobs(a, "sweep") if not (results / f"{j[0]}_lr{j[1]:g}_s0.json").is_file()] == []
     assert finetune_rg.jobs(a, "seeds") == [("adamw", 3e-5, 1)]
+
+
+def test_pretrain_llama_steps_past_the_edge_with_the_lowest_perplexity(tmp_path, monkeypatch):
+    import pretrain_llama
+
+    results = tmp_path / "pretrain" / "results"
+    results.mkdir(parents=True)
+    monkeypatch.setattr(pretrain_llama, "WORK", tmp_path / "pretrain")
+    a = Namespace(size="60m", lr=["adamw=1e-3,3e-3,6e-3", "galore=3e-3,6e-3,1e-2"], methods=["adamw", "galore"], extend=2)
+    assert pretrain_llama.pending(a) == [("adamw", 3e-3), ("galore", 6e-3), ("adamw", 1e-3), ("galore", 3e-3),
+                                         ("adamw", 6e-3), ("galore", 1e-2)]
+    for method, ppls in (("adamw", {1e-3: 40.0, 3e-3: 35.0, 6e-3: 33.0}), ("galore", {3e-3: 50.0, 6e-3: 45.0, 1e-2: 48.0})):
+        for lr, ppl in ppls.items():
+            (results / f"60m_{method}_lr{lr:g}.json").write_text(
+                json.dumps(dict(size="60m", method=method, lr=lr, status="ok", val_ppl=ppl)))
+    assert pretrain_llama.pending(a) == [("adamw", 0.018)]  # adamw's best is its top edge; galore's is inside

