@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as _dt
+import functools
 import importlib.metadata
 import json
 import multiprocessing
@@ -10,6 +11,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -111,6 +113,41 @@ def side_by_side(fn, jobs, workers: int) -> list:
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         return list(pool.map(fn, jobs))
+
+
+def sweep_jobs(grid: dict, methods, lrs_of) -> list:
+    """(method, lr) in the order a sweep runs them: every method's middle lr first (a sweep cut short still
+    compares them all), then the rest of the grids, then the lrs of ``lrs_of(method)`` beyond its grid."""
+    order = sorted(range(max(len(grid[m]) for m in methods)), key=lambda i: (i != 1, i))
+    jobs = [(m, sorted(grid[m])[i]) for i in order for m in methods if i < len(grid[m])]
+    return jobs + [(m, lr) for m in methods for lr in lrs_of(m) if lr not in grid[m]]
+
+
+def run_jobs(pending, run_job, workers: int, budget_s: float, label: str) -> int:
+    """Run the jobs ``pending()`` lists, ``workers`` at a time (``side_by_side``), again while the jobs just
+    done add more (a sweep's steps past an edge), starting none after ``budget_s`` seconds (0: no limit).
+    ``run_job(job)`` must be picklable (a module-level function, or a partial of one). 0: all done; 3: the
+    budget ran out first."""
+    run = functools.partial(_within_budget, run_job, time.time(), budget_s, workers)
+    while True:
+        todo = pending()
+        if not todo:
+            return 0
+        print(f"{label}: {len(todo)} runs to do" + (f", {workers} at a time" if workers > 1 else ""), flush=True)
+        started = sum(side_by_side(run, todo, workers) if workers > 1 else map(run, todo))
+        if started < len(todo):
+            print(f"budget of {budget_s} s spent; {len(todo) - started} of {len(todo)} runs left; run again to go on")
+            return 3
+
+
+def _within_budget(run_job, t_start: float, budget_s: float, workers: int, job) -> bool:
+    """``run_job(job)`` unless the budget is spent (then False); the host's cores shared among the workers."""
+    if budget_s and time.time() - t_start > budget_s:
+        return False
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    run_job(job)
+    return True
 
 
 def just_switched(opt) -> bool:

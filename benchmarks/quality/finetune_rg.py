@@ -58,7 +58,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
-from common import command_line, device_record, lr_grid, result_path, side_by_side, sweep_lrs, write_json  # noqa: E402
+from common import command_line, device_record, lr_grid, result_path, run_jobs, sweep_jobs, sweep_lrs, write_json  # noqa: E402
 
 try:  # the main job's data module (badam_kernels.finetune.data since the layout change; before: .data)
     from badam_kernels.finetune import data as job_data
@@ -485,42 +485,26 @@ def choose(a, results, methods, grid):
 def jobs(a, stage):
     grid, results = lr_grid(LR_GRID, a.lr), load_results()
     if stage == "sweep":
-        # the middle lr of every method first, so that a sweep cut short still compares them all; then the
-        # rest of the grids, then the steps out past an edge (known once a grid is done)
-        order = sorted(range(max(len(grid[m]) for m in a.methods)), key=lambda i: (i != 1, i))
-        first = [(m, sorted(grid[m])[i], 0) for i in order for m in a.methods if i < len(grid[m])]
-        return first + [(m, lr, 0) for m in a.methods for lr in method_lrs(a, m, results, grid) if lr not in grid[m]]
+        return [(m, lr, 0) for m, lr in sweep_jobs(grid, a.methods, lambda m: method_lrs(a, m, results, grid))]
     chosen = choose(a, results, a.methods, grid)
     return [(m, chosen[m], s) for s in range(1, a.seeds) for m in a.methods if m in chosen]
 
 
 def run_stage(a, stage):
-    t_start = time.time()
-    run = functools.partial(run_within_budget, a, WORK, t_start)
-    while True:  # again while the runs just done add steps out past a grid's edge
-        todo = [j for j in jobs(a, stage) if not (WORK / "results" / f"{run_name(*j)}.json").is_file()]
-        if not todo:
-            return 0
-        print(f"{stage}: {len(todo)} runs to do" + (f", {a.workers} at a time" if a.workers > 1 else ""), flush=True)
-        # side by side: a 135M model's steps are bound by host work, so one run leaves the GPU mostly idle;
-        # each run's peak memory stays its own process', its wall time is marked with concurrent_runs
-        started = sum(side_by_side(run, todo, a.workers) if a.workers > 1 else map(run, todo))
-        if started < len(todo):
-            print(f"budget of {a.budget_s} s spent; {len(todo) - started} of {len(todo)} runs left; run again to go on")
-            return 3
+    """The stage's runs not done yet, ``--workers`` at a time: a 135M model's steps are bound by host work,
+    so one run leaves the GPU mostly idle; side by side, each run's peak memory stays its own process', and
+    its wall time is marked with ``concurrent_runs``."""
+    def pending():
+        return [j for j in jobs(a, stage) if not (WORK / "results" / f"{run_name(*j)}.json").is_file()]
+
+    return run_jobs(pending, functools.partial(run_job, a, WORK), a.workers, a.budget_s, stage)
 
 
-def run_within_budget(a, work, t_start, job) -> bool:
-    """Run ``job`` unless the budget is spent (then False). ``work``: the work folder, for a worker process."""
+def run_job(a, work, job) -> None:
+    """One run (method, lr, seed), in this process or a worker (``work``: the work folder)."""
     global WORK
     WORK = work
-    if a.budget_s and time.time() - t_start > a.budget_s:
-        return False
-    if a.workers > 1:  # the host's cores shared among the workers
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // a.workers))
-    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    run_one(a, *job, device)
-    return True
+    run_one(a, *job, torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")))
 
 
 def rescore():

@@ -61,8 +61,8 @@ sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402  (the offline corpus: sources, readers, filters)
-from common import (LLAMA_SHAPES, command_line, device_record, lr_grid, result_path, side_by_side,  # noqa: E402
-                    sweep_lrs, write_json)
+from common import (LLAMA_SHAPES, command_line, device_record, lr_grid, result_path, run_jobs,  # noqa: E402
+                    sweep_jobs, sweep_lrs, write_json)
 
 WORK = Path(os.environ.get("QUALITY_WORK", HERE / "work")) / "pretrain"
 
@@ -319,42 +319,26 @@ def method_lrs(a, method, results, grid):
 
 
 def pending(a):
-    """The sweep's runs not done yet: the middle lr of every method first, then the rest of the grids, then
-    the steps out past an edge (known once a grid is done)."""
+    """The sweep's runs not done yet (``common.sweep_jobs``: middle lrs first, the steps past an edge last)."""
     grid, results = lr_grid(LR_GRID, a.lr), load_results(a)
-    order = sorted(range(max(len(grid[m]) for m in a.methods)), key=lambda i: (i != 1, i))
-    todo = [(m, sorted(grid[m])[i]) for i in order for m in a.methods if i < len(grid[m])]
-    todo += [(m, lr) for m in a.methods for lr in method_lrs(a, m, results, grid) if lr not in grid[m]]
+    todo = sweep_jobs(grid, a.methods, lambda m: method_lrs(a, m, results, grid))
     return [(m, lr) for m, lr in todo if not (WORK / "results" / f"{a.size}_{m}_lr{lr:g}.json").is_file()]
 
 
-def run_within_budget(a, work, t_start, job) -> bool:
-    """Run ``job`` (method, lr) unless the budget is spent (then False); in a worker process too."""
+def run_job(a, work, job) -> None:
+    """One run (method, lr), in this process or a worker (``work``: the work folder)."""
     global WORK
     WORK = work
-    if a.budget_s and time.time() - t_start > a.budget_s:
-        return False
-    if a.workers > 1:  # the host's cores shared among the workers
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // a.workers))
     device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     run_one(a, *job, device, load_tokens("train"), load_tokens("val"))
-    return True
 
 
 def run(a):
+    """The sweep, ``--workers`` at a time (small models leave a GPU partly idle; a run's peak memory stays its
+    process' own), then, where runs shared the GPU, each method's tokens/s alone (``speed``)."""
     t_start = time.time()
-    job = functools.partial(run_within_budget, a, WORK, t_start)
-    while True:  # again while the runs just done add steps out past a grid's edge
-        todo = pending(a)
-        if not todo:
-            return speed(a, t_start) if a.workers > 1 else 0
-        print(f"{a.size}: {len(todo)} runs to do" + (f", {a.workers} at a time" if a.workers > 1 else ""), flush=True)
-        # side by side: small models leave a GPU partly idle; a run's peak memory stays its process' own, and
-        # its tokens/s, measured beside the others, is replaced in the report by a solo measurement (speed)
-        started = sum(side_by_side(job, todo, a.workers) if a.workers > 1 else map(job, todo))
-        if started < len(todo):
-            print(f"budget spent; {len(todo) - started} of {len(todo)} runs left; run again to go on")
-            return 3
+    rc = run_jobs(lambda: pending(a), functools.partial(run_job, a, WORK), a.workers, a.budget_s, a.size)
+    return rc or (speed(a, t_start) if a.workers > 1 else 0)
 
 
 def speed(a, t_start):
