@@ -592,7 +592,7 @@ def read_pdf(path: Path, pages_per_document=25):
     try:
         import pypdfium2 as pdfium
     except ImportError as exc:  # pragma: no cover
-        raise SystemExit("the PDF sources need pypdfium2: pip install pypdfium2") from exc
+        raise SystemExit("the PDF sources need pypdfium2: pip install pypdfium2==5.15.2") from exc
     try:
         pdf = pdfium.PdfDocument(str(path))
         pages = [pdf[i].get_textpage().get_text_range().replace("\ufffe", "").replace("\xad", "") for i in range(len(pdf))]
@@ -619,8 +619,9 @@ def read_pdf(path: Path, pages_per_document=25):
         yield f"#{k // pages_per_document}", "\n\n".join(paragraphs)
 
 
-READERS = dict(pdf=read_pdf, sword=read_sword, rdata=read_rdata, json_strings=read_json_strings, quoted=read_quoted, html=read_html, html_pre=read_html_pre, text=read_text, pod=read_pod, man=read_man, dictd=read_dictd, wordnet=read_wordnet,
-               fortune=read_fortune)
+READERS = dict(html=read_html, html_pre=read_html_pre, text=read_text, pod=read_pod, man=read_man, dictd=read_dictd,
+               wordnet=read_wordnet, fortune=read_fortune, json_strings=read_json_strings, quoted=read_quoted,
+               sword=read_sword, rdata=read_rdata, pdf=read_pdf)
 
 
 # ----------------------------------------------------------------------------------- filters
