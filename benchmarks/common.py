@@ -115,6 +115,14 @@ def side_by_side(fn, jobs, workers: int) -> list:
         return list(pool.map(fn, jobs))
 
 
+def write_result(path: Path, record: dict) -> None:
+    """A run's JSON, whole or not at all (written beside, then renamed): the GPU calls pack the results
+    folder while runs go on, and a half-written file would break the next call's resume."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+
+
 def sweep_jobs(grid: dict, methods, lrs_of) -> list:
     """(method, lr) in the order a sweep runs them: every method's middle lr first (a sweep cut short still
     compares them all), then the rest of the grids, then the lrs of ``lrs_of(method)`` beyond its grid."""

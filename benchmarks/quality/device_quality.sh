@@ -38,8 +38,14 @@ if [ -d .snap/badam_kernels ]; then
   export PYTHONPATH=$PWD/.snap:${PYTHONPATH:-$PWD}
   echo "badam_kernels from .snap at commit $(cat .snap/COMMIT 2>/dev/null)"
 fi
-pack() { tar cf "$OUT/quality_work.tar" --exclude=runs --exclude=model --exclude=corpus --exclude=data -C benchmarks/quality work 2>/dev/null; }
-trap pack EXIT
+pack() {  # into a temporary file first: a call cut short mid-pack still returns the previous, whole tar
+  tar cf "$OUT/.quality_work.tar" --exclude=runs --exclude=model --exclude=corpus --exclude=data -C benchmarks/quality work \
+    2>/dev/null && mv "$OUT/.quality_work.tar" "$OUT/quality_work.tar"
+}
+# every minute too: a call killed at its time limit (SIGKILL runs no trap) still returns the runs finished by then
+( while sleep 60; do pack; done ) &
+PACKER=$!
+trap 'kill $PACKER 2>/dev/null; pack' EXIT
 date -u
 for step in ${STEP:-finetune}; do
 case $step in

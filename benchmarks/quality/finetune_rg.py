@@ -58,7 +58,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
-from common import command_line, device_record, lr_grid, result_path, run_jobs, sweep_jobs, sweep_lrs, write_json  # noqa: E402
+from common import (command_line, device_record, lr_grid, result_path, run_jobs, sweep_jobs, sweep_lrs,  # noqa: E402
+                    write_json, write_result)
 
 try:  # the main job's data module (badam_kernels.finetune.data since the layout change; before: .data)
     from badam_kernels.finetune import data as job_data
@@ -415,7 +416,7 @@ def run_one(a, method, lr, seed, device) -> Path:
     reason = peers.unavailable(method)
     val_rows, test_rows = read_jsonl(WORK / "data" / "val.jsonl"), read_jsonl(WORK / "data" / "test.jsonl")
     if reason:
-        out.write_text(json.dumps(dict(method=method, lr=lr, seed=seed, status="unavailable", reason=reason)))
+        write_result(out, dict(method=method, lr=lr, seed=seed, status="unavailable", reason=reason))
         print(f"{method}: unavailable ({reason})")
         return out
     t0 = time.perf_counter()
@@ -424,14 +425,14 @@ def run_one(a, method, lr, seed, device) -> Path:
     try:
         model, tokenizer, result = trainer(a, method, lr, seed, device, val_rows)
     except torch.cuda.OutOfMemoryError:
-        out.write_text(json.dumps(dict(method=method, lr=lr, seed=seed, status="OOM")))
+        write_result(out, dict(method=method, lr=lr, seed=seed, status="OOM"))
         return out
     except Exception as exc:  # a peer that breaks (e.g. AdaLomo needs CUDA) is a result, not the end of the sweep
         import traceback
 
         traceback.print_exc()
-        out.write_text(json.dumps(dict(method=method, lr=lr, seed=seed, status="error",
-                                       reason=f"{type(exc).__name__}: {exc}"[:500])))
+        write_result(out, dict(method=method, lr=lr, seed=seed, status="error",
+                               reason=f"{type(exc).__name__}: {exc}"[:500]))
         return out
     val_answers = generate(model, tokenizer, [r["instruction"] for r in val_rows], device, a.max_new_tokens)
     test_answers = generate(model, tokenizer, [r["instruction"] for r in test_rows], device, a.max_new_tokens)
@@ -443,7 +444,7 @@ def run_one(a, method, lr, seed, device) -> Path:
                   concurrent_runs=a.workers,
                   val_answers=val_answers, test_answers=test_answers,
                   val=score(val_rows, val_answers), test=score(test_rows, test_answers))
-    out.write_text(json.dumps(result))
+    write_result(out, result)
     finite = [x for x in result["losses"] if math.isfinite(x)]
     print(f"{run_name(method, lr, seed)}: loss {finite[0]:.3f} -> {statistics.mean(finite[-10:]):.3f}, "
           f"val loss {result['val_loss_curve'][-1][1]:.3f}, val exact {result['val']['exact_mean']:.3f}, "
@@ -637,9 +638,9 @@ def baseline(a):
     model, tokenizer = load(WORK / "model", device, torch.float32)
     answers = generate(model, tokenizer, [r["instruction"] for r in test_rows], device, a.max_new_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(method="before", seed=0, lr=0, status="baseline", device=device_record(),
-                                   val_loss=eval_loss(model, tokenizer, val_rows, a.seq_len, device),
-                                   test=score(test_rows, answers), test_answers=answers)))
+    write_result(out, dict(method="before", seed=0, lr=0, status="baseline", device=device_record(),
+                           val_loss=eval_loss(model, tokenizer, val_rows, a.seq_len, device),
+                           test=score(test_rows, answers), test_answers=answers))
 
 
 def parser():

@@ -62,7 +62,7 @@ import peers  # noqa: E402
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402  (the offline corpus: sources, readers, filters)
 from common import (LLAMA_SHAPES, command_line, device_record, lr_grid, result_path, run_jobs,  # noqa: E402
-                    sweep_jobs, sweep_lrs, write_json)
+                    sweep_jobs, sweep_lrs, write_json, write_result)
 
 WORK = Path(os.environ.get("QUALITY_WORK", HERE / "work")) / "pretrain"
 
@@ -266,7 +266,7 @@ def run_one(a, method, lr, device, train, val):
     out.parent.mkdir(parents=True, exist_ok=True)
     reason = peers.unavailable("lora" if method == "lowrank" else method.replace("_offload", ""))
     if reason:
-        out.write_text(json.dumps(dict(size=a.size, method=method, lr=lr, status="unavailable", reason=reason)))
+        write_result(out, dict(size=a.size, method=method, lr=lr, status="unavailable", reason=reason))
         return
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -298,7 +298,7 @@ def run_one(a, method, lr, device, train, val):
         result = dict(size=a.size, method=method, lr=lr, status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
     del model
     gc.collect()
-    out.write_text(json.dumps(result))
+    write_result(out, result)
     if result["status"] == "ok":
         print(f"{name}: val ppl {result['val_ppl']:.2f}, peak {result['peak_mem_mib'] or 0:.0f} MiB, "
               f"{result['tokens_per_s']:,.0f} tok/s", flush=True)
@@ -363,8 +363,8 @@ def speed(a, t_start):
         del model, m
         gc.collect()
         tokens_per_s = a.speed_steps * a.batch * a.seq / wall
-        out.write_text(json.dumps(dict(size=a.size, method=method, lr=lr, steps=a.speed_steps, tokens_per_s=tokens_per_s,
-                                       device=device_record())))
+        write_result(out, dict(size=a.size, method=method, lr=lr, steps=a.speed_steps, tokens_per_s=tokens_per_s,
+                               device=device_record()))
         print(f"{a.size} {method}: {tokens_per_s:,.0f} tok/s alone", flush=True)
     return 0
 
