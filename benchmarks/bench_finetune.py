@@ -114,27 +114,24 @@ def run_e2e(shape: str, batch: int, seq: int, K: int, layers: int, device: str) 
     return dict(row, name="bench_e2e fastest", e2e_method=method)
 
 
-def bench_shape(shape: str, args, device: str) -> List[Dict]:
+def bench_shape(shape: str, args, device: str, record) -> None:
+    """The shape's runs, each row handed to ``record`` as soon as it is measured."""
     spec = SHAPES[shape]
     batch, seq, layers, K = spec["batch"], spec["seq"], spec["model"]["num_hidden_layers"], args.switch_every
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     model = save_model_folder(shape, work / f"llama_{shape}", device)
     data = write_text(work / "words.txt", 4 * (2 + layers) * K * batch * (seq + 1))
-    rows = []
     runs = [("badam-finetune (defaults)", [])]
     for budget in spec["budgets"]:
         extra = ["--memory-budget", f"{budget:g}"] + (["--fast", "on", "--no-compile"] if device != "cuda" else [])
         runs.append((f"badam-finetune --memory-budget {budget:g}", extra))
-    for name, extra in runs:
-        out = work / f"run_{shape}_{len(rows)}_{int(time.time())}"
+    for k, (name, extra) in enumerate(runs):
+        out = work / f"run_{shape}_{k}_{int(time.time())}"
         row = run_job(name, model, data, out, batch, seq, K, layers, extra, args.timeout)
-        rows.append(dict(row, shape=shape, batch=batch, seq=seq))
-        _print(rows[-1])
+        record(dict(row, shape=shape, batch=batch, seq=seq))
     row = run_e2e(shape, batch, seq, K, layers, device)
-    rows.append(dict(row, shape=shape, batch=batch, seq=seq))
-    _print(rows[-1])
-    return rows
+    record(dict(row, shape=shape, batch=batch, seq=seq))
 
 
 def _print(row: Dict) -> None:
@@ -183,11 +180,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = ["8b", "1b"] if args.shape == "all" else [args.shape]
-    rows = []
-    for shape in shapes:
-        rows += bench_shape(shape, args, device)
-    payload = {"experiment": "finetune_defaults", "shapes": shapes, "switch_every": args.switch_every, "rows": rows}
+    rows: List[Dict] = []
     stem = f"finetune_{args.shape}"
+    payload = {"experiment": "finetune_defaults", "shapes": shapes, "switch_every": args.switch_every, "rows": rows,
+               "complete": False}
+
+    def record(row: Dict) -> None:  # the JSON after every run: a call cut short keeps what it measured
+        rows.append(row)
+        _print(row)
+        write_json(stem, payload)
+
+    for shape in shapes:
+        bench_shape(shape, args, device, record)
+    payload["complete"] = True
     json_path = write_json(stem, payload)
     plot(payload, result_path(stem, "png"))
     print(f"wrote {json_path}")

@@ -300,6 +300,20 @@ def main(argv=None) -> int:
           f"warmup, batch {batch} x {cutoff} tokens; prepared in {prepare_s:.0f} s", flush=True)
 
     results = {}
+    stem = f"llamafactory_{args.shape}{args.tag}"
+
+    def save(complete: bool) -> Path:  # after every method too: a call cut short keeps what it measured
+        payload = dict(shape=args.shape, blocks=layers, switch_interval=args.switch_interval, warmup_steps=args.warmup,
+                       batch=batch, cutoff_len=cutoff, examples=args.examples,
+                       yaml=sft_yaml(model, data, work / "out", **overrides), llamafactory=_version("llamafactory"),
+                       transformers_here=_version("transformers"), prepare_s=prepare_s, results=results,
+                       complete=complete)
+        official = results.get("official", {}).get("tokens_per_s")
+        for r in results.values():
+            if official and r.get("tokens_per_s"):
+                r["speedup_vs_official"] = r["tokens_per_s"] / official
+        return write_json(stem, payload)
+
     for method in methods:
         config = work / f"{method}.yaml"
         write_yaml(config, **sft_yaml(model, data, work / f"out_{method}", **overrides, **METHODS[method][2]))
@@ -311,23 +325,17 @@ def main(argv=None) -> int:
             tail = record.with_suffix(".log").read_text()[-3000:]
             results[method] = dict(error=f"exit {code}", log_tail=tail, wall_s=wall)
             print(f"{method}: FAILED (exit {code}); log {record.with_suffix('.log')}\n{tail}", flush=True)
+            save(complete=False)
             continue
         results[method] = dict(summarise(record, args.warmup, args.switch_interval), wall_s=wall)
         r = results[method]
         print(f"{method}: {r['tokens_per_s']:,.0f} tokens/s over the block epoch ({r['steps_measured']} steps), peak "
               f"{r['peak_gib'] if r['peak_gib'] is not None else float('nan'):.1f} GiB, loss {r['final_loss']:.4f} "
               f"(last block {r['last_block_mean_loss']:.4f}), optimizer {r['optimizer']}, {wall:.0f} s", flush=True)
+        save(complete=False)
 
-    payload = dict(shape=args.shape, blocks=layers, switch_interval=args.switch_interval, warmup_steps=args.warmup,
-                   batch=batch, cutoff_len=cutoff, examples=args.examples, yaml=sft_yaml(model, data, work / "out", **overrides),
-                   llamafactory=_version("llamafactory"), transformers_here=_version("transformers"),
-                   prepare_s=prepare_s, results=results)
-    official = results.get("official", {}).get("tokens_per_s")
-    for name, r in results.items():
-        if official and r.get("tokens_per_s"):
-            r["speedup_vs_official"] = r["tokens_per_s"] / official
-    stem = f"llamafactory_{args.shape}{args.tag}"
-    path = write_json(stem, payload)
+    path = save(complete=True)
+    payload = json.loads(path.read_text())
     payload["device"] = device_record()
     plot(payload, result_path(stem, "png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
