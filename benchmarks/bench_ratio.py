@@ -226,17 +226,20 @@ def main(argv=None) -> int:
     if args.shape != "tiny" and not on_gpu:
         print(f"--shape {args.shape} needs a CUDA device (use --shape tiny on CPU)", file=sys.stderr)
         return 2
-    kernel = in_fresh_process(kernel_rows, args.ratio) if on_gpu else []
-    rows = []
+    stem, rows = f"ratio_{args.shape}", []
+    payload = dict(shape=args.shape, spec=SHAPES[args.shape], ratio=args.ratio, mask_mode=args.mask_mode,
+                   switch_every=args.switch_every, steps=args.steps, warmup=args.warmup,
+                   checkpointing=args.checkpointing, masked_step_8b_layer=[], rows=rows, complete=False)
+    if on_gpu:
+        payload["masked_step_8b_layer"] = in_fresh_process(kernel_rows, args.ratio)
+        write_json(stem, payload)  # after every part: a call cut short keeps what it measured
     for method in args.methods or [m for m in METHODS if on_gpu or m not in GPU_ONLY]:
         row = in_fresh_process(safe_measure, method, args) if on_gpu else safe_measure(method, args)
         rows.append(row)
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
         print(shown, flush=True)
-    stem = f"ratio_{args.shape}"
-    payload = dict(shape=args.shape, spec=SHAPES[args.shape], ratio=args.ratio, mask_mode=args.mask_mode,
-                   switch_every=args.switch_every, steps=args.steps, warmup=args.warmup,
-                   checkpointing=args.checkpointing, masked_step_8b_layer=kernel, rows=rows)
+        write_json(stem, payload)
+    payload["complete"] = True
     write_json(stem, payload)
     plot(rows, result_path(stem, "png"), f"ratio mode, {args.shape}, ratio {args.ratio} ({args.mask_mode})")
     return 0
