@@ -21,8 +21,9 @@
 //
 // Tiling: one thread block per tile of kMaskedTile entries, each of its 256 threads taking every
 // 256th entry (k = threadIdx.x + 256 j, j < 4), so every load and store of a warp covers 32
-// consecutive entries. The tile's step is read once by thread 0, through shared memory, before
-// thread 0 increments it: no thread can read the incremented value.
+// consecutive entries. Thread 0 reads the tile's step, increments it and computes the step size (two
+// fp64 powers a tile, not a thread); the block reads both from shared memory, so no thread can see the
+// incremented step.
 #include "masked_adamw.h"
 #include "element_types.cuh"
 
@@ -44,15 +45,15 @@ static_assert(kMaskedTile % kThreads == 0, "a tile is a whole number of thread r
 template <typename P, typename G, bool kMaster>
 __global__ void __launch_bounds__(kThreads) masked_adamw_kernel(MaskedAdamWLaunch a) {
   const int64_t tile = a.tile_start + blockIdx.x;
-  __shared__ float tile_step;
+  __shared__ float tile_step, neg_step_size;  // thread 0's, for the whole block
   if (threadIdx.x == 0) {
     tile_step = a.tile_step[tile];
     a.tile_step[tile] = tile_step + 1.0f;
+    const double t = static_cast<double>(tile_step) + 1.0;  // the step size in fp64, as the reference computes it
+    neg_step_size = -static_cast<float>(a.lr * sqrt(1.0 - pow(a.beta2, t)) / (1.0 - pow(a.beta1, t)));
   }
   __syncthreads();
   const bool fresh = tile_step == 0.0f;
-  const double t = static_cast<double>(tile_step) + 1.0;  // the step size in fp64, as the reference computes it
-  const float neg_step_size = -static_cast<float>(a.lr * sqrt(1.0 - pow(a.beta2, t)) / (1.0 - pow(a.beta1, t)));
   const int64_t base = a.tile_base[tile];
   // fp32 constants rounded as torch rounds Python scalars for fp32 tensors
   const float one_minus_beta1 = static_cast<float>(1.0 - a.beta1), one_minus_beta2 = static_cast<float>(1.0 - a.beta2);
