@@ -73,8 +73,9 @@ def _masked_adamw_kernel(
     tl.store(exp_avg_ptr + offs, m, mask=valid)
     tl.store(exp_avg_sq_ptr + offs, v, mask=valid)
     tl.store(param_ptr + pos, _round_to_nearest(w, param_ptr.dtype.element_ty), mask=valid)
-    # every warp of the program read the old step in stage 1; without the barrier one warp's store
-    # could land before a slower warp's load, which would then take a kept tile for another step
+    # every warp of the program reads the step in stage 1; without the barrier one warp's store could
+    # land before a slower warp's load, which would then use the next step's bias corrections (and take
+    # a fresh tile for a kept one)
     tl.debug_barrier()
     tl.store(tile_step_ptr + tile, t)
 
