@@ -229,6 +229,13 @@ def test_memory_budget_plans_the_kept_layers_for_the_yamls_batch(tmp_path):
                BADAM_KERNELS_MEMORY_BUDGET="1000")
     assert "gradient checkpointing, 4 of 4 layers keep their activations" in log
     assert "(2 x 64 tokens a micro-batch at most)" in log and "keep activations all" in log
+    # without gradient checkpointing there is nothing to plan: said, and LLaMA-Factory's path kept
+    config = _yaml(work / "plain.yaml", work, work / "plain", max_steps=1, save_steps=100,
+                   disable_gradient_checkpointing=True)
+    log = _run(["-m", "badam_kernels.integrations.llamafactory", "train", str(config)], work / "plain.log",
+               BADAM_KERNELS_MEMORY_BUDGET="1000")
+    assert "MEMORY_BUDGET has nothing to plan: gradient checkpointing is off" in log
+    assert "keep activations LLaMA-Factory default" in log and "micro-batch at most" not in log
 
 
 def test_ratio_mode_trains_a_fraction_of_every_parameter(tmp_path):

@@ -79,7 +79,8 @@ The fast path, opt-in by environment variable (LLaMA-Factory rejects unknown YAM
 * ``BADAM_KERNELS_MEMORY_BUDGET=GiB``: N chosen as the main job chooses it (``finetune/plan.py``): the most
   top layers whose activations fit the budget, for the YAML's ``per_device_train_batch_size`` x
   ``cutoff_len`` tokens (the longest a batch can be), its ``enable_liger_kernel`` and the compiled or eager
-  layers; the plan is logged (an explicit ``BADAM_KERNELS_KEEP_ACTIVATIONS`` wins);
+  layers; the plan is logged (an explicit ``BADAM_KERNELS_KEEP_ACTIVATIONS`` wins; with
+  ``disable_gradient_checkpointing`` every layer keeps its activations anyway, and a warning says so);
 * ``BADAM_KERNELS_KEEP_MODE=all|matmuls``: what the kept layers keep (``truncate_backward``'s ``keep_mode``);
 * ``BADAM_KERNELS_STATE_POLICY=reset|offload``, ``BADAM_KERNELS_BACKEND=reference|triton|cuda``;
 * ``BADAM_KERNELS_TRUNCATE=0``: no truncated backward;
@@ -205,6 +206,10 @@ def create_badam_optimizer(model: torch.nn.Module, training_args, finetuning_arg
     optimizer = BlockOptimizer(base, list(model.named_parameters()), log_fn=log, **options.optimizer_kwargs())
     layers = find_layer_stack(model)
     budget = memory_budget_from_env()
+    if budget is not None and not getattr(model, "is_gradient_checkpointing", True):
+        logger.warning_rank0(f"badam-llamafactory: {ENV_PREFIX}MEMORY_BUDGET has nothing to plan: gradient "
+                             "checkpointing is off (disable_gradient_checkpointing), so every layer keeps its activations")
+        budget = None
     if budget is not None and "keep_activations" not in options_from_env():
         seq_len, fused_ce = _yaml_tokens_and_loss()
         plan = planned_activations(model, training_args, budget, options.compile_layers, seq_len, fused_ce)
