@@ -427,8 +427,8 @@ def test_cuda_kernel_equals_the_reference_to_the_bit(dtype):
 @pytest.mark.gpu
 def test_cuda_op_names_bad_inputs():
     t = masked_inputs(torch.bfloat16, "cuda")
+    assert ops.load_backend("cuda") is not None, ops.backend_report()["cuda"]  # builds or loads the extension
     op = torch.ops.badam_kernels.masked_adamw_step
-    ops.load_backend("cuda")  # builds or loads the extension
     args = lambda **kw: [kw.get(k, t[k]) for k in ("param", "grad", "index", "master", "exp_avg", "exp_avg_sq",  # noqa: E731
                                                    "tile_base", "tile_step")]
     with pytest.raises(RuntimeError, match="index must be Int"):
