@@ -20,7 +20,8 @@ the size of a Llama-3-8B layer (218,112,000 bf16 parameters, ``--ratio`` of them
 master, m and v read and written), for each backend and both mask modes, against its floor: 32 bytes
 per masked entry (index 4, grad 2, master + m + v 12 read and 12 written, param 2) at the measured
 device-to-device copy bandwidth; the scattered gather/scatter moves whole 32-byte sectors, so its floor
-is only the compact part's.
+is only the compact part's. On the CPU (``--shape tiny``) the same code times the reference on 65,536
+parameters, so that it cannot rot before a GPU runs it.
 
 Reported per method: the median step time over the timed steps (forward + backward + step, a switch
 included every ``--switch-every`` steps), the optimizer's step alone, peak memory and the memory held
@@ -145,39 +146,49 @@ def measure(method: str, args) -> Dict:
     return row
 
 
-def kernel_rows(ratio: float) -> List[Dict]:
-    """The masked step alone on one 8B-layer-sized flat group: ms and GB/s per backend and mask mode."""
-    from triton.testing import do_bench
-
+def kernel_rows(ratio: float, numel: int = KERNEL_NUMEL, device: str = "cuda",
+                backends=("cuda", "triton")) -> List[Dict]:
+    """The masked step alone on one flat group of ``numel`` bf16 parameters (by default an 8B layer's):
+    ms and GB/s per backend and mask mode, against a device-to-device copy (on the CPU: a smoke run)."""
     from badam_kernels import ops
 
-    def timed(fn) -> float:
-        return do_bench(fn, warmup=25, rep=100)
+    def timed(fn) -> float:  # ms
+        if device == "cuda":
+            from triton.testing import do_bench
 
-    src = torch.randn(KERNEL_NUMEL // 2, device="cuda")  # a copy of 2 * numel bytes, read and written
+            return do_bench(fn, warmup=25, rep=100)
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return median(times)
+
+    src = torch.randn(numel // 2, device=device)  # a copy of 2 * numel bytes, read and written
     dst = torch.empty_like(src)
     copy_gbps = 2 * src.numel() * 4 / (timed(lambda: dst.copy_(src)) * 1e-3) / 1e9
     del src, dst
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    param = torch.randn(KERNEL_NUMEL, device="cuda", generator=gen).mul_(0.02).bfloat16()
-    grad = torch.randn(KERNEL_NUMEL, device="cuda", generator=gen).mul_(1e-3).bfloat16()
-    entries = int(KERNEL_NUMEL * ratio)
+    gen = torch.Generator(device=device).manual_seed(0)
+    param = torch.randn(numel, device=device, generator=gen).mul_(0.02).bfloat16()
+    grad = torch.randn(numel, device=device, generator=gen).mul_(1e-3).bfloat16()
+    entries = int(numel * ratio)
     tiles = -(-entries // ops.MASKED_TILE)
     rows = []
     for mask_mode in ("adjacent", "scatter"):
         if mask_mode == "adjacent":
-            offsets = torch.arange(entries, device="cuda") + (KERNEL_NUMEL - entries) // 2
+            offsets = torch.arange(entries, device=device) + (numel - entries) // 2
         else:
-            offsets = torch.randperm(KERNEL_NUMEL, device="cuda", generator=gen)[:entries].sort().values
-        index = torch.full((tiles * ops.MASKED_TILE,), -1, dtype=torch.int32, device="cuda")
+            offsets = torch.randperm(numel, device=device, generator=gen)[:entries].sort().values
+        index = torch.full((tiles * ops.MASKED_TILE,), -1, dtype=torch.int32, device=device)
         index[:entries] = offsets.int()
         del offsets
         states = ops.MaskedStates(index, param[index.clamp(min=0).long()].float(),
-                                  torch.randn(index.numel(), device="cuda", generator=gen).mul_(1e-3),
-                                  torch.rand(index.numel(), device="cuda", generator=gen).mul_(1e-6),
-                                  torch.zeros(tiles, dtype=torch.int64, device="cuda"),
-                                  torch.ones(tiles, device="cuda"))  # steady state: no tile is fresh
-        for backend in ("cuda", "triton"):
+                                  torch.randn(index.numel(), device=device, generator=gen).mul_(1e-3),
+                                  torch.rand(index.numel(), device=device, generator=gen).mul_(1e-6),
+                                  torch.zeros(tiles, dtype=torch.int64, device=device),
+                                  torch.ones(tiles, device=device))  # steady state: no tile is fresh
+        for backend in backends:
             try:
                 ms = timed(lambda: ops.masked_adamw_step(param, grad, states, lr=LR, backend=backend))
             except RuntimeError as exc:  # e.g. the extension is not built here
@@ -186,11 +197,11 @@ def kernel_rows(ratio: float) -> List[Dict]:
             gbps = BYTES_PER_ENTRY * entries / (ms * 1e-3) / 1e9
             rows.append(dict(backend=backend, mask_mode=mask_mode, status="ok", ms=ms, entries=entries, gbps=gbps,
                              of_copy=gbps / copy_gbps, floor_ms=BYTES_PER_ENTRY * entries / (copy_gbps * 1e9) * 1e3))
-            print(f"masked step {backend:6s} {mask_mode:8s}: {ms:.3f} ms, {gbps:.0f} GB/s ({gbps / copy_gbps:.0%} of copy)",
+            print(f"masked step {backend:9s} {mask_mode:8s}: {ms:.3f} ms, {gbps:.0f} GB/s ({gbps / copy_gbps:.0%} of copy)",
                   flush=True)
         del states, index
     for row in rows:
-        row["copy_gbps"] = copy_gbps
+        row.update(copy_gbps=copy_gbps, numel=numel)
     return rows
 
 
@@ -229,10 +240,11 @@ def main(argv=None) -> int:
     stem, rows = f"ratio_{args.shape}", []
     payload = dict(shape=args.shape, spec=SHAPES[args.shape], ratio=args.ratio, mask_mode=args.mask_mode,
                    switch_every=args.switch_every, steps=args.steps, warmup=args.warmup,
-                   checkpointing=args.checkpointing, masked_step_8b_layer=[], rows=rows, complete=False)
-    if on_gpu:
-        payload["masked_step_8b_layer"] = in_fresh_process(kernel_rows, args.ratio)
-        write_json(stem, payload)  # after every part: a call cut short keeps what it measured
+                   checkpointing=args.checkpointing, rows=rows, complete=False)
+    # the masked step alone: an 8B layer's worth on the GPU; on the CPU a small smoke run of the reference
+    payload["masked_step"] = (in_fresh_process(kernel_rows, args.ratio) if on_gpu
+                              else kernel_rows(args.ratio, numel=1 << 16, device="cpu", backends=("reference",)))
+    write_json(stem, payload)  # after every part: a call cut short keeps what it measured
     for method in args.methods or [m for m in METHODS if on_gpu or m not in GPU_ONLY]:
         row = in_fresh_process(safe_measure, method, args) if on_gpu else safe_measure(method, args)
         rows.append(row)

@@ -19,3 +19,6 @@ def test_bench_ratio_at_a_tiny_shape(tmp_path):
     # the same data, weights and masks: the two ratio modes see the same first loss and agree after 3 steps
     assert abs(rows["ours_ratio"]["loss_last"] - rows["badam_ratio"]["loss_last"]) < 1e-4
     assert rows["ours_ratio"]["state_gib"] > 0 and result.with_suffix(".png").is_file()
+    # the masked step alone (the reference on the CPU): both mask modes timed, against the copy bandwidth
+    kernel = {r["mask_mode"]: r for r in payload["masked_step"]}
+    assert set(kernel) == {"adjacent", "scatter"} and all(r["status"] == "ok" and r["gbps"] > 0 for r in kernel.values())
