@@ -115,6 +115,11 @@ def side_by_side(fn, jobs, workers: int) -> list:
         return list(pool.map(fn, jobs))
 
 
+def study_device(name: str) -> torch.device:
+    """The quality studies' ``--device``: ``auto`` is the GPU where there is one, else the CPU."""
+    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def write_result(path: Path, record: dict) -> None:
     """A run's JSON, whole or not at all (written beside, then renamed): the GPU calls pack the results
     folder while runs go on, and a half-written file would break the next call's resume."""

@@ -58,8 +58,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
-from common import (command_line, device_record, lr_grid, result_path, run_jobs, sweep_jobs, sweep_lrs,  # noqa: E402
-                    write_json, write_result)
+from common import (command_line, device_record, lr_grid, result_path, run_jobs, study_device,  # noqa: E402
+                    sweep_jobs, sweep_lrs, write_json, write_result)
 
 try:  # the main job's data module (badam_kernels.finetune.data since the layout change; before: .data)
     from badam_kernels.finetune import data as job_data
@@ -505,7 +505,7 @@ def run_job(a, work, job) -> None:
     """One run (method, lr, seed), in this process or a worker (``work``: the work folder)."""
     global WORK
     WORK = work
-    run_one(a, *job, torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")))
+    run_one(a, *job, study_device(a.device))
 
 
 def rescore():
@@ -633,7 +633,7 @@ def baseline(a):
     out = WORK / "results" / "before.json"
     if out.is_file():
         return
-    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = study_device(a.device)
     val_rows, test_rows = read_jsonl(WORK / "data" / "val.jsonl"), read_jsonl(WORK / "data" / "test.jsonl")
     model, tokenizer = load(WORK / "model", device, torch.float32)
     answers = generate(model, tokenizer, [r["instruction"] for r in test_rows], device, a.max_new_tokens)

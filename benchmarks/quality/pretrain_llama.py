@@ -62,7 +62,7 @@ import peers  # noqa: E402
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402  (the offline corpus: sources, readers, filters)
 from common import (LLAMA_SHAPES, command_line, device_record, lr_grid, result_path, run_jobs,  # noqa: E402
-                    sweep_jobs, sweep_lrs, write_json, write_result)
+                    study_device, sweep_jobs, sweep_lrs, write_json, write_result)
 
 WORK = Path(os.environ.get("QUALITY_WORK", HERE / "work")) / "pretrain"
 
@@ -329,7 +329,7 @@ def run_job(a, work, job) -> None:
     """One run (method, lr), in this process or a worker (``work``: the work folder)."""
     global WORK
     WORK = work
-    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = study_device(a.device)
     run_one(a, *job, device, load_tokens("train"), load_tokens("val"))
 
 
@@ -344,7 +344,7 @@ def run(a):
 def speed(a, t_start):
     """Each method's tokens/s alone on the device (``--speed-steps`` steps at its chosen lr after 5 not timed),
     for sweeps run side by side: ``<size>_<method>_speed.json``."""
-    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = study_device(a.device)
     train, results = load_tokens("train"), load_results(a)
     for method in a.methods:
         out = WORK / "results" / f"{a.size}_{method}_speed.json"
