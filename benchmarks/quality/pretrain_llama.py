@@ -162,10 +162,15 @@ def tokenize(a):
 
 
 def load_tokens(split):
-    """A split's tokens: its parts (manifest.json's ``token_files``) checked against their sha256 and joined."""
+    """A split's tokens: its parts (manifest.json's ``token_files``) checked against their sha256 and joined;
+    read once a process (every run of a sweep, and the speed pass, trains on the same tokens)."""
+    return _tokens_in(WORK / "corpus", split)
+
+
+@functools.lru_cache(maxsize=None)
+def _tokens_in(folder: Path, split: str):
     import hashlib
 
-    folder = WORK / "corpus"
     arrays = []
     for f in json.loads((folder / "manifest.json").read_text())["token_files"][split]:
         path = folder / f["file"]
