@@ -205,12 +205,12 @@ def create_badam_optimizer(model: torch.nn.Module, training_args, finetuning_arg
     log = logger.info_rank0 if options.verbose >= 1 else None
     optimizer = BlockOptimizer(base, list(model.named_parameters()), log_fn=log, **options.optimizer_kwargs())
     layers = find_layer_stack(model)
-    budget = memory_budget_from_env()
+    keep_given, budget = "keep_activations" in options_from_env(), memory_budget_from_env()
     if budget is not None and not getattr(model, "is_gradient_checkpointing", True):
         logger.warning_rank0(f"badam-llamafactory: {ENV_PREFIX}MEMORY_BUDGET has nothing to plan: gradient "
                              "checkpointing is off (disable_gradient_checkpointing), so every layer keeps its activations")
         budget = None
-    if budget is not None and "keep_activations" not in options_from_env():
+    if budget is not None and not keep_given:
         seq_len, fused_ce = _yaml_tokens_and_loss()
         plan = planned_activations(model, training_args, budget, options.compile_layers, seq_len, fused_ce)
         logger.info_rank0(f"badam-llamafactory: {plan.describe()} "
@@ -218,7 +218,8 @@ def create_badam_optimizer(model: torch.nn.Module, training_args, finetuning_arg
         for note in plan.notes:
             logger.warning_rank0(f"badam-llamafactory: {note}")
         options = dataclasses.replace(options, keep_activations=plan.keep_activations)
-    if "keep_activations" in options_from_env() or budget is not None:
+    ours_keep = keep_given or budget is not None  # else LLaMA-Factory's own checkpoint function decides
+    if ours_keep:
         # LLaMA-Factory's checkpoint function (get_custom_gradient_checkpointing_func) never checkpoints a
         # layer without trainable parameters, i.e. it keeps every frozen layer's activations; for a budget,
         # go back to the plain function it wraps and let truncate_backward keep the top N layers
@@ -232,7 +233,7 @@ def create_badam_optimizer(model: torch.nn.Module, training_args, finetuning_arg
         f"every {options.switch_block_every} steps, start block {optimizer.active_block}, "
         f"{'fused AdamW' if optimizer.fused else type(base).__name__ + ' step'}, state policy "
         f"{options.state_policy}, truncated backward {'on' if options.truncate else 'off'}, keep activations "
-        f"{options.keep_activations if 'keep_activations' in options_from_env() or budget else 'LLaMA-Factory default'}, "
+        f"{options.keep_activations if ours_keep else 'LLaMA-Factory default'}, "
         f"compiled layers {'on' if options.compile_layers else 'off'}")
     return optimizer
 
