@@ -41,8 +41,11 @@ for b in $BENCH; do
     # .whl-lf (the command in bench_llamafactory.py's docstring), first on the path for this benchmark only
     llamafactory)
       [ -d .whl-lf ] || { echo "llamafactory: carry .whl-lf (bench_llamafactory.py's docstring)"; continue; }
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-lf .whl-lf/*.whl
-      PYTHONPATH=/tmp/site-lf:$PYTHONPATH python3 benchmarks/bench_llamafactory.py --shape ${LF_SHAPE:-1b} ${LF_ARGS:-} 2>&1 \
+      # without /tmp/site: LLaMA-Factory imports galore_torch when it is installed, and galore_torch needs
+      # bitsandbytes, which the image lacks; liger-kernel comes from .whl for `enable_liger_kernel`
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-lf \
+        .whl-lf/*.whl .whl/liger_kernel-*.whl
+      PYTHONPATH=/tmp/site-lf:$PWD python3 benchmarks/bench_llamafactory.py --shape ${LF_SHAPE:-1b} ${LF_ARGS:-} 2>&1 \
         | grep -v "^Parameters with" | tail -30 ;;
     *) echo "unknown benchmark $b" ;;
   esac
