@@ -47,3 +47,20 @@ def test_planned_activations_are_the_main_jobs_plan_within_the_budget():
     middle = plan(sum(peaks) / 2)
     assert 0 < middle.keep_activations < 4 and middle.fits and middle.peak_gib <= sum(peaks) / 2
     assert middle.budget_gib == round(sum(peaks) / 2, 3)
+
+
+def test_liger_modules_are_found_where_liger_patched_the_layers(monkeypatch):
+    """enable_liger_kernel's patching is what turns BADAM_KERNELS_COMPILE off: found in a patched model's
+    layers, absent from a plain one's."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    from transformers.models.llama import modeling_llama
+
+    from badam_kernels import find_layer_stack
+
+    # liger also swaps modeling_llama's classes for later models: put them back after this test
+    for name in ("LlamaRMSNorm", "LlamaMLP", "apply_rotary_pos_emb"):
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+    model = tiny_llama(layers=2)
+    assert lf.liger_modules(find_layer_stack(model)) == []
+    apply_liger_kernel_to_llama(rope=False, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+    assert lf.liger_modules(find_layer_stack(model)) == ["LigerRMSNorm", "LigerSwiGLUMLP"]

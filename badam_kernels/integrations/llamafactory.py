@@ -62,8 +62,9 @@ passes the weight decay in its groups only, so with the YAML's default 0 the two
 ``optim`` (an AdamW gets the fused step, any other ``torch.optim`` optimizer trains block by block through
 its own step), ``lr_scheduler_type``, ``max_grad_norm``, ``gradient_accumulation_steps``, ``save_steps``,
 ``resume_from_checkpoint``, ``bf16``, gradient checkpointing (LLaMA-Factory's default; its checkpoint function
-already runs the frozen layers above the active block without recompute) and ``enable_liger_kernel`` (the
-fused linear cross-entropy, with liger-kernel installed; not yet tried with this package).
+already runs the frozen layers above the active block without recompute) and ``enable_liger_kernel`` (liger's
+fused linear cross-entropy, RMSNorm, SwiGLU and rotary kernels, with liger-kernel installed: measured on the
+1.2B shape in ``benchmarks/bench_llamafactory.py``; it turns ``BADAM_KERNELS_COMPILE`` off, see below).
 
 Not supported, and what happens: DeepSpeed ZeRO-3 (the only multi-process BAdam LLaMA-Factory allows) falls
 back to the official optimizer with a warning; ``llamafactory-cli``'s automatic torchrun launch on a machine
@@ -72,7 +73,9 @@ with several GPUs starts workers that do not import this module (they get the of
 
 The fast path, opt-in by environment variable (LLaMA-Factory rejects unknown YAML keys):
 
-* ``BADAM_KERNELS_COMPILE=1``: ``compile_layers`` (each layer through ``torch.compile``);
+* ``BADAM_KERNELS_COMPILE=1``: ``compile_layers`` (each layer through ``torch.compile``); ignored, with a
+  warning, where ``enable_liger_kernel`` put liger's modules in the layers (compiled together they ended in an
+  illegal memory access on the GPU);
 * ``BADAM_KERNELS_KEEP_ACTIVATIONS=N|all``: gradient checkpointing recomputes every layer from the active
   block up except the top N (``all``: none); unset, LLaMA-Factory's own checkpoint function stays, which
   keeps the activations of every frozen layer above the active block (the same as ``all``);
@@ -227,6 +230,13 @@ def create_badam_optimizer(model: torch.nn.Module, training_args, finetuning_arg
             func = getattr(layer, "_gradient_checkpointing_func", None)
             if func is not None and hasattr(func, "__wrapped__"):
                 layer._gradient_checkpointing_func = func.__wrapped__
+    liger = liger_modules(layers)
+    if options.compile_layers and liger:
+        logger.warning_rank0(
+            f"badam-llamafactory: {ENV_PREFIX}COMPILE=1 is ignored: enable_liger_kernel replaced the layers' "
+            f"{', '.join(liger)} with liger's Triton kernels, and compiling layers that hold them ended in an illegal "
+            "memory access (liger-kernel 0.8.5, torch 2.11, H100); the layers run eagerly with liger's kernels")
+        options = dataclasses.replace(options, compile_layers=False)
     options.prepare_model(model, layers)
     logger.info_rank0(
         f"badam_kernels BlockOptimizer: {optimizer.num_blocks} blocks, switch mode {options.switch_mode}, "
@@ -236,6 +246,13 @@ def create_badam_optimizer(model: torch.nn.Module, training_args, finetuning_arg
         f"{options.keep_activations if ours_keep else 'LLaMA-Factory default'}, "
         f"compiled layers {'on' if options.compile_layers else 'off'}")
     return optimizer
+
+
+def liger_modules(layers) -> List[str]:
+    """The names of liger-kernel's modules inside ``layers`` (sorted, once each): LLaMA-Factory's
+    ``enable_liger_kernel`` swaps in liger's classes before loading, or rebinds a loaded module's ``forward``
+    and ``_get_name``; either way the module's name starts with ``Liger``."""
+    return sorted({m._get_name() for layer in layers for m in layer.modules() if m._get_name().startswith("Liger")})
 
 
 def _yaml_tokens_and_loss():
