@@ -9,8 +9,9 @@ grad), so every layer is recomputed and differentiated whatever block is active.
 
 * below the lowest layer with a trainable parameter: run under ``torch.no_grad()`` (also skips
   checkpointing: there is nothing to recompute);
-* the lowest trainable layer, checkpointed with the reentrant variant: its tensor inputs are made
-  to require grad, since reentrant checkpointing returns no graph when no input requires grad;
+* the lowest trainable layer: its tensor inputs are detached (backward stops at its weights; with
+  the reentrant checkpointing variant they become leaves that require grad, since that variant
+  returns no graph when no input requires grad);
 * otherwise: unchanged, except that with ``keep_activations=n`` the top ``n`` layers from the
   lowest trainable one up run without gradient checkpointing (``keep_mode="all"``), or under a
   selective checkpoint that keeps only the outputs of matrix products and attention and recomputes
@@ -74,6 +75,8 @@ def _truncating_class(cls: type) -> type:
             if role == _BELOW:
                 with torch.no_grad():
                     return base_call(self, *args, **kwargs)
+            if index == handle.lowest:
+                args, kwargs = _cut_below(args, kwargs, leaf=role == _LOWEST and _uses_reentrant_checkpointing(self))
             if role == _KEEP:
                 # Hugging Face layers checkpoint while ``gradient_checkpointing`` is set, with their
                 # ``_gradient_checkpointing_func``
@@ -81,14 +84,26 @@ def _truncating_class(cls: type) -> type:
                             if handle.keep_mode == "matmuls" else ("gradient_checkpointing", False))
                 with _instance_attribute(self, *override):
                     return base_call(self, *args, **kwargs)
-            if role == _LOWEST and _uses_reentrant_checkpointing(self):
-                args = tuple(a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point()
-                             and not a.requires_grad else a for a in args)
             return base_call(self, *args, **kwargs)
 
         _truncating_classes[cls] = type(cls.__name__, (cls,), {"__call__": __call__,
                                                                "__module__": cls.__module__})
     return _truncating_classes[cls]
+
+
+def _cut_below(args: tuple, kwargs: dict, leaf: bool):
+    """The lowest trainable layer's inputs, detached: nothing below it trains, so their gradient is never
+    used. Backward then stops at the layer's weights, and torch.compile sees the same input on every
+    block (Hugging Face's checkpointing makes the embedding output require grad, so the bottom layer's
+    input would otherwise differ from the others' and recompile it once). ``leaf``: the positional
+    floating inputs become leaves that require grad, as reentrant checkpointing returns no graph
+    without one."""
+    def cut(value, as_leaf):
+        if not (torch.is_tensor(value) and value.is_floating_point()):
+            return value
+        return value.detach().requires_grad_() if as_leaf else value.detach()
+
+    return tuple(cut(a, leaf) for a in args), {k: cut(v, False) for k, v in kwargs.items()}
 
 
 @contextlib.contextmanager
@@ -134,7 +149,7 @@ class TruncatedBackward:
         self.keep_activations, self.keep_mode = keep_activations, keep_mode
         self._layer_params = [list(layer.parameters()) for layer in self.layers]
         self._params_before = params_before
-        self._lowest: Optional[int] = None
+        self.lowest: Optional[int] = None  # the lowest trainable layer, read by role() at each forward's first layer
         self._gathering_from: Optional[int] = None  # FSDP2 layers from here up all-gather in backward
         self._original_classes = [type(layer) for layer in self.layers]
         for index, layer in enumerate(self.layers):
@@ -152,10 +167,10 @@ class TruncatedBackward:
     def role(self, index: int) -> str:
         if not torch.is_grad_enabled():
             return _PLAIN
-        if index == 0 or self._lowest is None:  # re-read once per forward pass, at the first layer
-            self._lowest = self.lowest_trainable()
-            self._gather_in_backward_from(self._lowest)
-        lowest = self._lowest
+        if index == 0 or self.lowest is None:  # re-read once per forward pass, at the first layer
+            self.lowest = self.lowest_trainable()
+            self._gather_in_backward_from(self.lowest)
+        lowest = self.lowest
         if lowest is None or index < lowest:
             return _BELOW
         if lowest >= 0 and index >= max(lowest, len(self.layers) - self.keep_activations):

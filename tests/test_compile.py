@@ -57,6 +57,31 @@ def test_the_layers_share_their_graphs_whatever_the_depth():
     assert 0 < graphs[3] == graphs[6], graphs  # one graph per role, not one per layer
 
 
+@pytest.mark.slow
+def test_the_bottom_block_compiles_nothing_new():
+    """Hugging Face's checkpointing makes the embedding output require grad, so the bottom layer's input
+    differs from every other layer's; truncate_backward cuts it (nothing below trains), so when block 0
+    becomes active, after the blocks above, its layer plays a role already compiled."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = tiny_llama(layers=3)
+    enable_checkpointing(model, reentrant=False)
+    opt = BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), list(model.named_parameters()),
+                         switch_block_every=1, switch_mode="descending", verbose=0)
+    truncate_backward(model, keep_activations="all")
+    compile_layers(model, backend="aot_eager")
+    counters.clear()
+    graphs = []
+    for ids in batches(3):  # blocks 2, 1, 0
+        graphs.append(counters["stats"]["unique_graphs"])
+        lm_loss(model, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] > 0 and graphs[3] == graphs[2], graphs  # block 0's step (the last) compiled nothing
+
+
 def test_compile_layers_compiles_each_layer_of_the_stack():
     model = tiny_llama()
     stack = compile_layers(model, backend="eager")
