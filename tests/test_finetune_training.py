@@ -213,6 +213,9 @@ BAD_INPUTS = {  # case: (arguments given the test's tmp folder, what the error l
                                           "--keep-activations only applies with --grad-checkpointing"),
     "kept layers on the plain path": (lambda d: ["--keep-activations", "2", "--fast", "off"],
                                       "--keep-activations only applies with --grad-checkpointing"),
+    "profile steps reversed": (lambda d: ["--profile-steps", "5-2"], "--profile-steps: must be two step numbers A-B"),
+    "profile steps not a range": (lambda d: ["--profile-steps", "40"], "--profile-steps: must be two step numbers"),
+    "profile from step 0": (lambda d: ["--profile-steps", "0-3"], "--profile-steps: must be two step numbers A-B"),
     "missing config file": (lambda d: ["--config", d / "nope.yaml"], "--config"),
     "resume with another grad-accum": (lambda d: ["--resume", _saved_run(d / "run"), "--grad-accum", "2"],
                                        "--grad-accum cannot change on --resume"),
@@ -486,3 +489,22 @@ def test_bench_finetune_tiny_runs_on_the_cpu(tmp_path):
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows.values()), rows
     assert rows["badam-finetune (defaults)"]["plan"]["line"].startswith("plan")
     assert list(tmp_path.glob("finetune_tiny_*.png"))
+
+
+# ------------------------------------------------------------------------------------ profiling
+
+@pytest.mark.parametrize("steps, profiled", [(5, "2-3"), (3, "2-3")], ids=["within the run", "cut by the run's end"])
+def test_profile_steps_write_the_operators_and_a_trace(tmp_path, capsys, steps, profiled):
+    """--profile-steps 2-3 (2-9 where the run ends at 3): torch.profiler's table of the steps' operators and
+    a Chrome trace in profile/ of the run folder; the other steps run unprofiled."""
+    import gzip
+
+    asked = "2-3" if steps == 5 else "2-9"
+    assert run_cli("--out", tmp_path / "run", "--steps", steps, "--profile-steps", asked, *TINY) == 0
+    ops = (tmp_path / "run" / "profile" / "ops.txt").read_text()
+    assert ops.startswith(f"steps {profiled}: 2 steps, wall seconds")
+    assert "aten::mm" in ops and "step 2" in ops and "step 3" in ops and "step 4" not in ops, ops[:2000]
+    with gzip.open(tmp_path / "run" / "profile" / "trace.json.gz", "rt") as f:
+        events = json.load(f)["traceEvents"]
+    assert {"step 2", "step 3"} <= {e.get("name") for e in events}
+    assert f"profile of steps {profiled}" in capsys.readouterr().out

@@ -21,6 +21,7 @@ from ..options import (BAdamOptions, boolean, declared, flag_of, non_negative_fl
 from ..options import validate as validate_options
 from .lr import LR_SCHEDULES
 from .plan import FAST_MODES
+from .profiling import step_range
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the model's; None: bf16 on a GPU, fp32 on the CPU
 DEVICES = ("auto", "cpu", "cuda")
@@ -169,6 +170,10 @@ class TrainConfig:
                              metavar="N", group="output", resume_may_change=True)
     progress: bool = option(True, "a progress bar on stderr, or none with --no-progress", check=boolean,
                             flag="--no-progress", group="output", resume_may_change=True)
+    profile_steps: Optional[str] = option(None, "profile optimizer steps A to B (e.g. 40-45) with torch.profiler: the "
+                                          "operators' table and a Chrome trace in profile/ of the run folder",
+                                          check=step_range, parse=str, none=True, metavar="A-B", group="output",
+                                          resume_may_change=True)
 
 
 FIELDS = {f.name: f for f in declared(TrainConfig)}

@@ -42,6 +42,7 @@ from .launch import (StopFlag, agree_over_ranks, check_backend, on_every_rank, o
                      processes, shard_model)
 from .model import check_layer_stack, load_model, prepare_for_training, warn_past_positions
 from .plots import plot_loss, read_metrics
+from .profiling import StepProfiler
 from .accumulation import forward_backward
 from .config_file import apply_config_file
 from .fast import loss_function
@@ -212,10 +213,14 @@ def run_loop(run: Run) -> Progress:
     metrics_path = os.path.join(run.run_dir, "metrics.jsonl") if run.main else os.devnull
     began = time.perf_counter()
     # line-buffered: each step's line reaches the disk at once (a step may take seconds on a real model)
+    profiler = StepProfiler.from_config(cfg.profile_steps, run.run_dir, run.device, say) if run.main else None
     with StopFlag() as stop, open(metrics_path, "a", encoding="utf-8", buffering=1) as metrics:
         stopping = False
         while progress.step < target and not stopping:
-            record, stopping = _step(run, progress, stop)
+            if profiler is None:
+                record, stopping = _step(run, progress, stop)
+            else:
+                record, stopping = profiler.around(progress.step + 1, lambda: _step(run, progress, stop))
             if run.evaluation is not None:
                 record.update(run.evaluation.at_step(run, record["step"], target, say))
             metrics.write(json.dumps(record) + "\n")
@@ -229,6 +234,8 @@ def run_loop(run: Run) -> Progress:
                     f"{record['tokens_per_s']:,.0f} tok/s  peak {peak:,.0f} MiB")
             if run.writes_checkpoint and cfg.save_every and step % cfg.save_every == 0 and step < target:
                 _save(run, progress)
+    if profiler is not None:
+        profiler.write()  # a run that stopped inside the range keeps the steps it profiled
     bar.close()
     progress.wall = time.perf_counter() - began
     return progress
