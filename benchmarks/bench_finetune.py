@@ -9,7 +9,8 @@ reads bytes) with a text file of random words, then, each in a fresh process:
   (every block K steps): tokens/s over the second epoch from ``metrics.jsonl`` (the first epoch still
   meets guard combinations torch.compile has not seen, e.g. the first block whose input requires
   grad, and pays a recompile; its figure is kept as ``tokens_per_s_first_epoch``), the per-step
-  seconds, the plan from ``config.json``, the peak from ``summary.json``;
+  seconds, the plan from ``config.json``, the peak from ``summary.json``; then two blocks more under
+  ``--profile-steps``, whose operators' table (by GPU time) goes into the row as ``profile_ops``;
 * on the 8B shape the same with ``--memory-budget 24`` (a 24 GB card's plan);
 * bench_e2e.py's fastest configuration (``ours_fast_ce8_compiled``: liger's fused cross-entropy with
   chunk_mem_const 8, compiled layers, checkpointing with every layer kept; ``ours_fast`` on the CPU)
@@ -46,6 +47,8 @@ SHAPES = {
                  budgets=[0.05]),
 }
 LR = 1e-5
+PROFILED_BLOCKS = 2  # blocks run under torch.profiler after the timed epochs
+PROFILE_LINES = 40  # of the operators' table, kept in the JSON
 
 
 def save_model_folder(shape: str, folder: Path, device: str) -> Path:
@@ -84,12 +87,16 @@ def write_text(path: Path, tokens: int) -> Path:
 def run_job(name: str, model: Path, data: Path, out: Path, batch: int, seq: int, K: int, layers: int,
             extra: List[str], timeout: int) -> Dict:
     """``python -m badam_kernels`` (the CLI) in a fresh process; tokens/s over the second block epoch
-    after two warm-up blocks, and over the first."""
+    after two warm-up blocks, and over the first; then ``PROFILED_BLOCKS`` blocks more under
+    ``--profile-steps`` (after the timed steps, which the profiler would slow), whose operators' table
+    goes into the row."""
     warm, epoch = 2 * K, layers * K
-    steps = warm + 2 * epoch
+    timed = warm + 2 * epoch
+    steps = timed + PROFILED_BLOCKS * K
     cmd = [sys.executable, "-m", "badam_kernels", "--model", str(model), "--data", str(data), "--out", str(out),
            "--batch-size", str(batch), "--seq-len", str(seq), "--switch-every", str(K), "--steps", str(steps),
-           "--lr", str(LR), "--no-progress", "--log-every", str(steps), *extra]
+           "--lr", str(LR), "--no-progress", "--log-every", str(steps), "--profile-steps", f"{timed + 1}-{steps}",
+           *extra]
     began = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(out.parent))
     row = dict(name=name, command=" ".join(cmd[1:]), wall_s=round(time.perf_counter() - began, 1),
@@ -100,11 +107,13 @@ def run_job(name: str, model: Path, data: Path, out: Path, batch: int, seq: int,
     elapsed = {r["step"]: r["elapsed_s"] for r in records}
     summary = json.loads((out / "summary.json").read_text())
     plan = json.loads((out / "config.json").read_text())["plan"]
-    return dict(row, status="ok", tokens_per_s=_tokens_per_s(records, warm + epoch, steps),
+    ops = (out / "profile" / "ops.txt").read_text().splitlines()
+    loss_last = next(r["loss"] for r in records if r["step"] == timed)
+    return dict(row, status="ok", tokens_per_s=_tokens_per_s(records, warm + epoch, timed),
                 tokens_per_s_first_epoch=_tokens_per_s(records, warm, warm + epoch),
                 step_seconds=[round(elapsed[k] - elapsed.get(k - 1, 0.0), 4) for k in sorted(elapsed)],
-                peak_mem_GiB=summary["peak_mem_mib"] / 1024, plan=plan, loss_last=records[-1]["loss"],
-                steps_timed=steps - warm - epoch, notes=[line for line in proc.stderr.splitlines() if "note:" in line])
+                peak_mem_GiB=summary["peak_mem_mib"] / 1024, plan=plan, loss_last=loss_last, steps_timed=epoch, profile_ops=ops[:PROFILE_LINES],
+                notes=[line for line in proc.stderr.splitlines() if "note:" in line])
 
 
 def _tokens_per_s(records: List[Dict], after: int, last: int) -> float:
@@ -130,7 +139,7 @@ def bench_shape(shape: str, args, device: str, record) -> None:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     model = save_model_folder(shape, work / f"llama_{shape}", device)
-    data = write_text(work / "words.txt", 4 * (2 + 2 * layers) * K * batch * (seq + 1))
+    data = write_text(work / "words.txt", 4 * (2 + 2 * layers + PROFILED_BLOCKS) * K * batch * (seq + 1))
     runs = [("badam-finetune (defaults)", [])]
     for budget in spec["budgets"]:
         extra = ["--memory-budget", f"{budget:g}"] + (["--fast", "on", "--no-compile"] if device != "cuda" else [])

@@ -488,6 +488,7 @@ def test_bench_finetune_tiny_runs_on_the_cpu(tmp_path):
     assert {"badam-finetune (defaults)", "bench_e2e fastest"} <= set(rows)
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows.values()), rows
     assert rows["badam-finetune (defaults)"]["plan"]["line"].startswith("plan")
+    assert any("aten::mm" in line for line in rows["badam-finetune (defaults)"]["profile_ops"])
     assert list(tmp_path.glob("finetune_tiny_*.png"))
 
 
