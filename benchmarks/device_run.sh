@@ -22,7 +22,8 @@ BENCH=${BENCH-"tests step e2e_quick"}  # unset: the default list; set and empty:
 for b in $BENCH; do
   t0=$(date +%s)
   case $b in
-    tests) python3 -m pytest -m gpu -q -p no:cacheprovider ${TESTS:-tests/} ${PYTEST_ARGS:-} > "$OUT/gpu_tests.log" 2>&1; tail -15 "$OUT/gpu_tests.log" ;;
+    # -rs: the skip reasons in the log, grouped (the triton-cpu cases need TRITON_INTERPRET=1: CI runs them)
+    tests) python3 -m pytest -m gpu -q -rs -p no:cacheprovider ${TESTS:-tests/} ${PYTEST_ARGS:-} > "$OUT/gpu_tests.log" 2>&1; tail -15 "$OUT/gpu_tests.log" ;;
     cputests) python3 -m pytest -q -p no:cacheprovider -m "not gpu" ${CPU_TESTS:-tests/test_truncate.py} 2>&1 | tail -3 ;;
     gdb) cuda-gdb -batch -ex run -ex bt --args python3 -m pytest -q -m gpu -p no:cacheprovider $GDB_TEST > "$OUT/gdb.log" 2>&1; grep -v "^\[New Thread\|^\[Thread\|^\[Detaching" "$OUT/gdb.log" | grep -m 30 -A 30 "signal\|^#0" ;;
     capacity) python3 benchmarks/bench_e2e.py --shape 8b --capacity ${CAP_ARGS:-} 2>&1 | grep -v "^Parameters with" | tail -30 ;;
