@@ -26,11 +26,11 @@ What it does:
    x K steps).
 3. Each method in a fresh process, through LLaMA-Factory's own CLI entry (``llamafactory.cli.main``, what
    ``llamafactory-cli`` runs): ``official`` as it is; ``ours`` after
-   ``badam_kernels.integrations.llamafactory.install()`` (what ``badam-llamafactory`` does); ``ours_compiled``
-   with ``BADAM_KERNELS_COMPILE=1``; ``ours_liger`` and ``official_liger`` with ``enable_liger_kernel: true``
-   (liger's loss and its layer kernels: LLaMA-Factory's switch patches both, so the main job's fast path,
-   compiled layers with liger's loss only, has no exact counterpart here). The only addition to the run is a
-   callback that times each step
+   ``badam_kernels.integrations.llamafactory.install()`` (what ``badam-llamafactory`` does); ``ours_fast``
+   with ``BADAM_KERNELS_COMPILE=1 BADAM_KERNELS_FUSED_CE=1`` (the main job's fast path: compiled layers,
+   liger's fused loss alone); ``ours_compiled`` with the compile only; ``ours_liger`` and ``official_liger``
+   with ``enable_liger_kernel: true`` (liger's loss and its layer kernels, eager). The only addition to the
+   run is a callback that times each step
    (synchronised), counts its tokens (``include_num_input_tokens_seen``) and reads the peak allocated memory.
 
 Reports, per method: tokens/s over the block epoch (warmup steps excluded; steps taking over 5x the median,
@@ -61,8 +61,10 @@ WORDS = ("the of and to in is was that for on with as by at from his her they be
 METHODS = {  # method -> (install badam_kernels, extra environment, extra YAML)
     "official": (False, {}, {}),
     "ours": (True, {}, {}),
-    # the main job's fast path has both, but LLaMA-Factory's liger switch patches the layers' modules too, and
-    # compiled layers holding liger's kernels crashed (the integration now drops the compile there): one each
+    # the main job's fast path: compiled layers and liger's fused loss alone (LLaMA-Factory's own liger switch
+    # also swaps the layers' modules, and compiled layers holding them crashed: the integration drops the
+    # compile there, so ours_liger is eager)
+    "ours_fast": (True, {"BADAM_KERNELS_COMPILE": "1", "BADAM_KERNELS_FUSED_CE": "1"}, {}),
     "ours_compiled": (True, {"BADAM_KERNELS_COMPILE": "1"}, {}),
     "ours_liger": (True, {}, {"enable_liger_kernel": True}),
     "official_liger": (False, {}, {"enable_liger_kernel": True}),  # the official with liger's kernels
@@ -266,7 +268,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="1b", help="tiny, 1b, 8b (benchmarks/common.py LLAMA_SHAPES)")
     parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
-                        help="default: official ours ours_compiled ours_liger (on a GPU), official ours (CPU)")
+                        help="default: official ours ours_fast ours_liger (on a GPU), official ours (CPU)")
     parser.add_argument("--work", default=None, help="where the model, data and runs go (default: /tmp/bench_llamafactory_<shape>)")
     parser.add_argument("--examples", type=int, default=3000)
     parser.add_argument("--cutoff-len", type=int, default=None, help="default 1024 (tiny: 64)")
@@ -286,7 +288,7 @@ def main(argv=None) -> int:
     layers = (TINY if tiny else LLAMA_SHAPES[args.shape])["num_hidden_layers"]
     cutoff = args.cutoff_len or (64 if tiny else 1024)
     batch = args.batch or {"8b": 2, "1b": 4}.get(args.shape, 2)
-    methods = args.methods or (["official", "ours", "ours_compiled", "ours_liger"] if cuda else ["official", "ours"])
+    methods = args.methods or (["official", "ours", "ours_fast", "ours_liger"] if cuda else ["official", "ours"])
     work = Path(args.work or f"/tmp/bench_llamafactory_{args.shape}")
     model, data = work / "model", work / "data"
     work.mkdir(parents=True, exist_ok=True)

@@ -219,16 +219,20 @@ def test_bench_llamafactory_tiny_runs_both_methods(tmp_path):
 
 
 def test_memory_budget_plans_the_kept_layers_for_the_yamls_batch(tmp_path):
-    """BADAM_KERNELS_MEMORY_BUDGET: the main job's plan for the YAML's batch x cutoff_len, logged, and applied."""
+    """BADAM_KERNELS_MEMORY_BUDGET: the main job's plan for the YAML's batch x cutoff_len, logged, and applied;
+    BADAM_KERNELS_FUSED_CE=1 where liger cannot run: a warning, and the plain loss."""
     _venv()
     work = tmp_path
     subprocess.run([str(VENV_PY), "-c", PREPARE.format(bench=str(ROOT / "benchmarks"), work=str(work))], check=True,
                    capture_output=True, timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     config = _yaml(work / "run.yaml", work, work / "out", max_steps=2, save_steps=100)
     log = _run(["-m", "badam_kernels.integrations.llamafactory", "train", str(config)], work / "run.log",
-               BADAM_KERNELS_MEMORY_BUDGET="1000")
+               BADAM_KERNELS_MEMORY_BUDGET="1000", BADAM_KERNELS_FUSED_CE="1")
     assert "gradient checkpointing, 4 of 4 layers keep their activations" in log
     assert "(2 x 64 tokens a micro-batch at most)" in log and "keep activations all" in log
+    # the fused loss asked for where liger cannot run (not installed in this venv; the CPU): said, plain loss
+    assert "BADAM_KERNELS_FUSED_CE=1: liger-kernel" in log and "the model keeps its plain loss" in log
+    assert "fused loss off" in log
     # without gradient checkpointing there is nothing to plan: said, and LLaMA-Factory's path kept
     config = _yaml(work / "plain.yaml", work, work / "plain", max_steps=1, save_steps=100,
                    disable_gradient_checkpointing=True)

@@ -16,11 +16,13 @@ def test_environment_options_map_to_badam_options():
     assert lf.options_from_env(env) == dict(compile_layers=True, keep_activations=3, state_policy="offload",
                                             truncate=False)
     assert lf.memory_budget_from_env(env) == 24.0 and lf.memory_budget_from_env({}) is None
+    assert lf.fused_ce_from_env({"BADAM_KERNELS_FUSED_CE": "1"}) and not lf.fused_ce_from_env({})
 
 
 @pytest.mark.parametrize("name,value,message", [
     ("COMPILE", "maybe", "BADAM_KERNELS_COMPILE must be 1 or 0, got 'maybe'"),
     ("KEEP_ACTIVATIONS", "-2", "BADAM_KERNELS_KEEP_ACTIVATIONS must be a non-negative integer or 'all', got '-2'"),
+    ("FUSED_CE", "maybe", "BADAM_KERNELS_FUSED_CE must be 1 or 0, got 'maybe'"),
     ("MEMORY_BUDGET", "lots", "BADAM_KERNELS_MEMORY_BUDGET must be a positive number of GiB, got 'lots'"),
     ("MEMORY_BUDGET", "0", "BADAM_KERNELS_MEMORY_BUDGET must be a positive number of GiB, got '0'"),
 ])
@@ -64,3 +66,48 @@ def test_liger_modules_are_found_where_liger_patched_the_layers(monkeypatch):
     assert lf.liger_modules(find_layer_stack(model)) == []
     apply_liger_kernel_to_llama(rope=False, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
     assert lf.liger_modules(find_layer_stack(model)) == ["LigerRMSNorm", "LigerSwiGLUMLP"]
+
+
+class _Lines:
+    """LLaMA-Factory's logger, as far as the integration uses it: the lines it was given."""
+
+    def __init__(self):
+        self.lines = []
+
+    def info_rank0(self, line):
+        self.lines.append(("info", line))
+
+    def warning_rank0(self, line):
+        self.lines.append(("warning", line))
+
+
+def test_fused_loss_is_added_only_where_it_can_run(monkeypatch):
+    """BADAM_KERNELS_FUSED_CE=1: nothing to add where enable_liger_kernel is already in the model; on the CPU
+    without the Triton interpreter liger's kernels cannot run, and the warning says why (the model keeps its
+    plain loss, its forward untouched)."""
+    model, log = tiny_llama(layers=2), _Lines()
+    assert lf.fuse_the_loss(model, ["LigerRMSNorm"], log) is False
+    assert log.lines == [("info", "badam-llamafactory: BADAM_KERNELS_FUSED_CE=1 has nothing to add: "
+                                  "enable_liger_kernel already fuses the loss")]
+    log.lines.clear()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert lf.fuse_the_loss(model, [], log) is False
+    [(level, line)] = log.lines
+    assert level == "warning" and "liger's Triton kernels need a GPU" in line and "plain loss" in line
+    assert "forward" not in vars(model)
+
+
+def test_fused_loss_is_patched_into_the_model_and_equals_the_plain_one(monkeypatch):
+    """Where liger runs (a GPU, or here Triton's interpreter) the model instance gets liger's fused-loss
+    forward, and its loss equals the plain one."""
+    import torch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, log = tiny_llama(layers=2).to(device).train(), _Lines()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), device=device)
+    plain = model(input_ids=ids, labels=ids)
+    assert lf.fuse_the_loss(model, [], log) is True and log.lines == []
+    fused = model(input_ids=ids, labels=ids)
+    assert plain.logits is not None and fused.logits is None  # the fused path: no logits in training
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-4, atol=1e-5)

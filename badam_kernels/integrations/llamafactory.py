@@ -87,7 +87,10 @@ The fast path, opt-in by environment variable (LLaMA-Factory rejects unknown YAM
 * ``BADAM_KERNELS_KEEP_MODE=all|matmuls``: what the kept layers keep (``truncate_backward``'s ``keep_mode``);
 * ``BADAM_KERNELS_STATE_POLICY=reset|offload``, ``BADAM_KERNELS_BACKEND=reference|triton|cuda``;
 * ``BADAM_KERNELS_TRUNCATE=0``: no truncated backward;
-* fused cross-entropy: LLaMA-Factory's own ``enable_liger_kernel: true`` in the YAML.
+* ``BADAM_KERNELS_FUSED_CE=1``: liger's fused linear cross-entropy for the loss alone (the main job's; the
+  logits are never whole), patched into the model instance where LLaMA-Factory's ``enable_liger_kernel``
+  would also swap the layers' modules for liger's; with ``BADAM_KERNELS_COMPILE=1`` this is the main job's
+  fast path. LLaMA-Factory's own ``enable_liger_kernel: true`` works too (without the compile, above).
 """
 from __future__ import annotations
 
@@ -103,7 +106,7 @@ from .. import BlockOptimizer, find_layer_stack
 from ..options import BAdamOptions, OptionError
 
 __all__ = ["install", "uninstall", "installed", "create_badam_optimizer", "options_from_env", "memory_budget_from_env",
-           "planned_activations", "main"]
+           "fused_ce_from_env", "planned_activations", "main"]
 
 ENV_PREFIX = "BADAM_KERNELS_"
 _ENV_OPTIONS = {  # environment variable (after the prefix) -> BAdamOptions field
@@ -135,9 +138,7 @@ def options_from_env(environ=None) -> Dict[str, Any]:
             continue
         text = text.strip()
         if field in ("compile_layers", "truncate"):
-            if text.lower() not in _TRUE + _FALSE:
-                raise ValueError(f"{ENV_PREFIX}{suffix} must be 1 or 0, got {text!r}")
-            found[field] = text.lower() in _TRUE
+            found[field] = _flag(suffix, text)
         elif field == "keep_activations":
             if text != "all" and not text.isdigit():
                 raise ValueError(f"{ENV_PREFIX}{suffix} must be a non-negative integer or 'all', got {text!r}")
@@ -145,6 +146,19 @@ def options_from_env(environ=None) -> Dict[str, Any]:
         else:
             found[field] = text
     return found
+
+
+def _flag(suffix: str, text: str) -> bool:
+    """A ``BADAM_KERNELS_<suffix>`` on/off value."""
+    if text.strip().lower() not in _TRUE + _FALSE:
+        raise ValueError(f"{ENV_PREFIX}{suffix} must be 1 or 0, got {text.strip()!r}")
+    return text.strip().lower() in _TRUE
+
+
+def fused_ce_from_env(environ=None) -> bool:
+    """``BADAM_KERNELS_FUSED_CE``: liger's fused linear cross-entropy for the loss alone (off when unset)."""
+    environ = os.environ if environ is None else environ
+    return _flag("FUSED_CE", environ.get(ENV_PREFIX + "FUSED_CE", "0"))
 
 
 def memory_budget_from_env(environ=None) -> Optional[float]:
@@ -208,14 +222,40 @@ def create_badam_optimizer(model: torch.nn.Module, training_args, finetuning_arg
     log = logger.info_rank0 if options.verbose >= 1 else None
     optimizer = BlockOptimizer(base, list(model.named_parameters()), log_fn=log, **options.optimizer_kwargs())
     layers = find_layer_stack(model)
+    liger = liger_modules(layers)
+    options, ours_keep, fused_ours = _fast_path(model, layers, liger, options, training_args, logger)
+    options.prepare_model(model, layers)
+    logger.info_rank0(
+        f"badam_kernels BlockOptimizer: {optimizer.num_blocks} blocks, switch mode {options.switch_mode}, "
+        f"every {options.switch_block_every} steps, start block {optimizer.active_block}, "
+        f"{'fused AdamW' if optimizer.fused else type(base).__name__ + ' step'}, state policy "
+        f"{options.state_policy}, truncated backward {'on' if options.truncate else 'off'}, keep activations "
+        f"{options.keep_activations if ours_keep else 'LLaMA-Factory default'}, "
+        f"compiled layers {'on' if options.compile_layers else 'off'}, fused loss "
+        f"{'liger (enable_liger_kernel)' if liger else 'liger, the loss alone' if fused_ours else 'off'}")
+    return optimizer
+
+
+def _fast_path(model, layers, liger: List[str], options: BAdamOptions, training_args, logger):
+    """The ``BADAM_KERNELS_*`` fast path against what LLaMA-Factory set up: (the options with the compile and
+    the kept layers decided, whether ours decide the kept layers, whether our fused loss is patched in)."""
     keep_given, budget = "keep_activations" in options_from_env(), memory_budget_from_env()
     if budget is not None and not getattr(model, "is_gradient_checkpointing", True):
         logger.warning_rank0(f"badam-llamafactory: {ENV_PREFIX}MEMORY_BUDGET has nothing to plan: gradient "
                              "checkpointing is off (disable_gradient_checkpointing), so every layer keeps its activations")
         budget = None
+    if options.compile_layers and liger:
+        logger.warning_rank0(
+            f"badam-llamafactory: {ENV_PREFIX}COMPILE=1 is ignored: enable_liger_kernel replaced the layers' "
+            f"{', '.join(liger)} with liger's Triton kernels, and compiling layers that hold them ended in an illegal "
+            "memory access (liger-kernel 0.8.5, torch 2.11, H100); the layers run eagerly with liger's kernels; "
+            f"{ENV_PREFIX}FUSED_CE=1 without enable_liger_kernel compiles them with liger's loss")
+        options = dataclasses.replace(options, compile_layers=False)
+    fused_ours = fused_ce_from_env() and fuse_the_loss(model, liger, logger)
     if budget is not None and not keep_given:
-        seq_len, fused_ce = _yaml_tokens_and_loss()
-        plan = planned_activations(model, training_args, budget, options.compile_layers, seq_len, fused_ce)
+        seq_len, fused_yaml = _yaml_tokens_and_loss()
+        plan = planned_activations(model, training_args, budget, options.compile_layers, seq_len,
+                                   fused_yaml or fused_ours)
         logger.info_rank0(f"badam-llamafactory: {plan.describe()} "
                           f"({training_args.per_device_train_batch_size} x {seq_len} tokens a micro-batch at most)")
         for note in plan.notes:
@@ -230,22 +270,24 @@ def create_badam_optimizer(model: torch.nn.Module, training_args, finetuning_arg
             func = getattr(layer, "_gradient_checkpointing_func", None)
             if func is not None and hasattr(func, "__wrapped__"):
                 layer._gradient_checkpointing_func = func.__wrapped__
-    liger = liger_modules(layers)
-    if options.compile_layers and liger:
-        logger.warning_rank0(
-            f"badam-llamafactory: {ENV_PREFIX}COMPILE=1 is ignored: enable_liger_kernel replaced the layers' "
-            f"{', '.join(liger)} with liger's Triton kernels, and compiling layers that hold them ended in an illegal "
-            "memory access (liger-kernel 0.8.5, torch 2.11, H100); the layers run eagerly with liger's kernels")
-        options = dataclasses.replace(options, compile_layers=False)
-    options.prepare_model(model, layers)
-    logger.info_rank0(
-        f"badam_kernels BlockOptimizer: {optimizer.num_blocks} blocks, switch mode {options.switch_mode}, "
-        f"every {options.switch_block_every} steps, start block {optimizer.active_block}, "
-        f"{'fused AdamW' if optimizer.fused else type(base).__name__ + ' step'}, state policy "
-        f"{options.state_policy}, truncated backward {'on' if options.truncate else 'off'}, keep activations "
-        f"{options.keep_activations if ours_keep else 'LLaMA-Factory default'}, "
-        f"compiled layers {'on' if options.compile_layers else 'off'}")
-    return optimizer
+    return options, ours_keep, fused_ours
+
+
+def fuse_the_loss(model, liger: List[str], logger) -> bool:
+    """``BADAM_KERNELS_FUSED_CE=1``: liger's fused linear cross-entropy patched into this model instance and
+    nothing else (``finetune/fast.patch_model``, the main job's loss), so that compiled layers stay plain
+    torch; True when patched. Where ``enable_liger_kernel`` already put liger in the model, or liger
+    cannot run the model, a line says so and the model keeps the loss it has."""
+    from ..finetune.fast import patch_model
+
+    if liger:
+        logger.info_rank0(f"badam-llamafactory: {ENV_PREFIX}FUSED_CE=1 has nothing to add: enable_liger_kernel "
+                          "already fuses the loss")
+        return False
+    reason = patch_model(model)
+    if reason is not None:
+        logger.warning_rank0(f"badam-llamafactory: {ENV_PREFIX}FUSED_CE=1: {reason}; the model keeps its plain loss")
+    return reason is None
 
 
 def liger_modules(layers) -> List[str]:
@@ -384,7 +426,7 @@ USAGE = """usage: badam-llamafactory train CONFIG.yaml [key=value ...]
 LLaMA-Factory's `llamafactory-cli` with badam_kernels in place of the official BAdam: a YAML with
 `use_badam: true` trains with badam_kernels.BlockOptimizer and truncated backward. Every other command
 and argument is llamafactory-cli's own. Fast path (environment): BADAM_KERNELS_COMPILE=1,
-BADAM_KERNELS_KEEP_ACTIVATIONS=N|all, BADAM_KERNELS_MEMORY_BUDGET=GiB, BADAM_KERNELS_KEEP_MODE=all|matmuls,
+BADAM_KERNELS_FUSED_CE=1, BADAM_KERNELS_KEEP_ACTIVATIONS=N|all, BADAM_KERNELS_MEMORY_BUDGET=GiB, BADAM_KERNELS_KEEP_MODE=all|matmuls,
 BADAM_KERNELS_STATE_POLICY=reset|offload, BADAM_KERNELS_BACKEND, BADAM_KERNELS_TRUNCATE=0."""
 
 
@@ -404,6 +446,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         options_from_env()
         memory_budget_from_env()
+        fused_ce_from_env()
     except ValueError as exc:
         print(f"badam-llamafactory: error: {exc}", file=sys.stderr)
         return 2
