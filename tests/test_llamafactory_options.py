@@ -51,21 +51,47 @@ def test_planned_activations_are_the_main_jobs_plan_within_the_budget():
     assert middle.budget_gib == round(sum(peaks) / 2, 3)
 
 
-def test_liger_modules_are_found_where_liger_patched_the_layers(monkeypatch):
-    """enable_liger_kernel's patching is what turns BADAM_KERNELS_COMPILE off: found in a patched model's
-    layers, absent from a plain one's."""
+def liger_patched_llama(monkeypatch):
+    """A tiny Llama with liger's RMSNorm and SwiGLU in its layers, as ``enable_liger_kernel`` leaves it."""
     from liger_kernel.transformers import apply_liger_kernel_to_llama
     from transformers.models.llama import modeling_llama
 
-    from badam_kernels import find_layer_stack
-
-    # liger also swaps modeling_llama's classes for later models: put them back after this test
+    # liger also swaps modeling_llama's classes for later models: put them back after the test
     for name in ("LlamaRMSNorm", "LlamaMLP", "apply_rotary_pos_emb"):
         monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
     model = tiny_llama(layers=2)
-    assert lf.liger_modules(find_layer_stack(model)) == []
     apply_liger_kernel_to_llama(rope=False, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
-    assert lf.liger_modules(find_layer_stack(model)) == ["LigerRMSNorm", "LigerSwiGLUMLP"]
+    return model
+
+
+def test_liger_modules_are_found_where_liger_patched_the_layers(monkeypatch):
+    """enable_liger_kernel's patching is what turns BADAM_KERNELS_COMPILE off: found in a patched model's
+    layers, absent from a plain one's."""
+    from badam_kernels import find_layer_stack
+
+    assert lf.liger_modules(find_layer_stack(tiny_llama(layers=2))) == []
+    assert lf.liger_modules(find_layer_stack(liger_patched_llama(monkeypatch))) == ["LigerRMSNorm", "LigerSwiGLUMLP"]
+
+
+def test_compile_is_dropped_with_a_warning_where_liger_is_in_the_layers(monkeypatch):
+    """BADAM_KERNELS_COMPILE=1 with liger's modules in the layers: compiled they crashed on the GPU, so the
+    fast path drops the compile and says so; without them the compile stays."""
+    from badam_kernels import find_layer_stack
+    from badam_kernels.options import BAdamOptions
+
+    monkeypatch.setenv("BADAM_KERNELS_COMPILE", "1")
+    args = SimpleNamespace(per_device_train_batch_size=2)
+    for model, dropped in ((tiny_llama(layers=2), False), (liger_patched_llama(monkeypatch), True)):
+        layers, log = find_layer_stack(model), _Lines()
+        options, ours_keep, fused = lf._fast_path(model, layers, lf.liger_modules(layers),
+                                                  BAdamOptions(compile_layers=True), args, log)
+        assert options.compile_layers is not dropped and not ours_keep and not fused
+        warnings = [line for level, line in log.lines if level == "warning"]
+        if dropped:
+            [line] = warnings
+            assert "BADAM_KERNELS_COMPILE=1 is ignored" in line and "LigerRMSNorm, LigerSwiGLUMLP" in line
+        else:
+            assert warnings == [], warnings
 
 
 class _Lines:
