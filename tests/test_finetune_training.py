@@ -509,3 +509,9 @@ def test_profile_steps_write_the_operators_and_a_trace(tmp_path, capsys, steps, 
         events = json.load(f)["traceEvents"]
     assert {"step 2", "step 3"} <= {e.get("name") for e in events}
     assert f"profile of steps {profiled}" in capsys.readouterr().out
+
+
+def test_profile_steps_outside_the_run_say_so(tmp_path, capsys):
+    assert run_cli("--out", tmp_path / "run", "--steps", 2, "--profile-steps", "5-6", *TINY) == 0
+    assert "note: --profile-steps 5-6: this run takes steps 1 to 2; nothing is profiled" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "profile").exists()

@@ -213,7 +213,8 @@ def run_loop(run: Run) -> Progress:
     metrics_path = os.path.join(run.run_dir, "metrics.jsonl") if run.main else os.devnull
     began = time.perf_counter()
     # line-buffered: each step's line reaches the disk at once (a step may take seconds on a real model)
-    profiler = StepProfiler.from_config(cfg.profile_steps, run.run_dir, run.device, say) if run.main else None
+    profiler = (StepProfiler.from_config(cfg.profile_steps, run.run_dir, run.device, run.start, target, say)
+                if run.main else None)
     with StopFlag() as stop, open(metrics_path, "a", encoding="utf-8", buffering=1) as metrics:
         stopping = False
         while progress.step < target and not stopping:

@@ -47,9 +47,17 @@ class StepProfiler:
         self.walls: List[float] = []
 
     @classmethod
-    def from_config(cls, spec: Optional[str], run_dir: str, device: torch.device, say=print) -> Optional["StepProfiler"]:
+    def from_config(cls, spec: Optional[str], run_dir: str, device: torch.device, start: int, target: int,
+                    say=print) -> Optional["StepProfiler"]:
+        """The profiler of ``--profile-steps`` for a run of steps ``start + 1 .. target``; None (and a line
+        saying why) where the range misses the run."""
         steps = parse_step_range(spec) if spec else None
-        return None if steps is None else cls(*steps, os.path.join(run_dir, "profile"), device, say)
+        if steps is None:
+            return None
+        if steps[0] > target or steps[1] <= start:
+            say(f"note: --profile-steps {spec}: this run takes steps {start + 1} to {target}; nothing is profiled")
+            return None
+        return cls(*steps, os.path.join(run_dir, "profile"), device, say)
 
     def around(self, step: int, run_step):
         """``run_step()`` for step ``step`` (1-based), profiled when within the range."""
