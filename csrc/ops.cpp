@@ -75,6 +75,13 @@ void check_states(const char* op, const at::Tensor& param, const std::optional<a
   state_dtype(op, "exp_avg_sq", exp_avg_sq);
 }
 
+// Adam's hyperparameters, the same for every step op.
+void check_hyperparameters(const char* op, double beta1, double beta2, double eps, double weight_decay) {
+  TORCH_CHECK(0.0 <= beta1 && beta1 < 1.0 && 0.0 <= beta2 && beta2 < 1.0, op, ": betas must lie in [0, 1), got (",
+              beta1, ", ", beta2, ")");
+  TORCH_CHECK(eps >= 0.0 && weight_decay >= 0.0, op, ": eps and weight_decay must be non-negative");
+}
+
 // A one-element device scalar, read by the kernels as fp32 or fp64 (other dtypes are converted on the
 // device, which stays capturable). `keep` holds the converted tensor until the op returns.
 struct ScalarArg {
@@ -113,9 +120,7 @@ at::Tensor adamw_step_cuda(const at::Tensor& param, const at::Tensor& grad, cons
   TORCH_CHECK(step.defined() && step.device() == param.device() && step.numel() == 1 &&
                   step.scalar_type() == at::kFloat,
               kStep, ": step must be a one-element float32 tensor on ", param.device());
-  TORCH_CHECK(0.0 <= beta1 && beta1 < 1.0 && 0.0 <= beta2 && beta2 < 1.0, kStep, ": betas must lie in [0, 1), got (",
-              beta1, ", ", beta2, ")");
-  TORCH_CHECK(eps >= 0.0 && weight_decay >= 0.0, kStep, ": eps and weight_decay must be non-negative");
+  check_hyperparameters(kStep, beta1, beta2, eps, weight_decay);
   TORCH_CHECK(0 <= decay_numel && decay_numel <= param.numel(), kStep, ": decay_numel=", decay_numel,
               " is outside [0, ", param.numel(), "]");
 
@@ -211,9 +216,7 @@ void masked_adamw_step_cuda(const at::Tensor& param, const at::Tensor& grad, con
               " params need a float32 master of the masked entries");
   TORCH_CHECK(0 <= tile_start && 0 <= num_tiles && tile_start + num_tiles <= tiles, kMasked, ": tiles [", tile_start,
               ", ", tile_start + num_tiles, ") are outside the ", tiles, " tiles");
-  TORCH_CHECK(0.0 <= beta1 && beta1 < 1.0 && 0.0 <= beta2 && beta2 < 1.0, kMasked, ": betas must lie in [0, 1), got (",
-              beta1, ", ", beta2, ")");
-  TORCH_CHECK(eps >= 0.0 && weight_decay >= 0.0, kMasked, ": eps and weight_decay must be non-negative");
+  check_hyperparameters(kMasked, beta1, beta2, eps, weight_decay);
 
   const c10::cuda::CUDAGuard guard(device);
   MaskedAdamWLaunch a{};
