@@ -88,12 +88,12 @@ class StepProfiler:
         os.makedirs(self.folder, exist_ok=True)
         sort = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
         table = profiler.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=80)
-        steps = f"{self.first}-{self.first + len(self.walls) - 1}"
+        steps, mean = f"{self.first}-{self.first + len(self.walls) - 1}", sum(self.walls) / len(self.walls)
         head = (f"steps {steps}: {len(self.walls)} steps, wall seconds "
-                f"{', '.join(f'{w:.4f}' for w in self.walls)} (mean {sum(self.walls) / len(self.walls):.4f})\n"
+                f"{', '.join(f'{w:.4f}' for w in self.walls)} (mean {mean:.4f})\n"
                 f"sorted by {sort}\n\n")
         with open(os.path.join(self.folder, "ops.txt"), "w", encoding="utf-8") as f:
             f.write(head + table + "\n")
         profiler.export_chrome_trace(os.path.join(self.folder, "trace.json.gz"))
         self.say(f"profile of steps {steps}: {os.path.join(self.folder, 'ops.txt')} and trace.json.gz "
-                 f"(mean {sum(self.walls) / len(self.walls):.4f} s a step)")
+                 f"(mean {mean:.4f} s a step)")
