@@ -89,7 +89,16 @@ def loss_function(model, fused: bool) -> Callable[..., torch.Tensor]:
 def patch_model(model) -> Optional[str]:
     """liger's model patching for the fused loss (its ``apply_liger_kernel_to_<type>`` with only
     ``fused_linear_cross_entropy``, on this model instance: no other module or model class changes).
-    Returns None when patched, else why not (the model keeps its plain loss)."""
+    Returns None when patched, else why not (the model keeps its plain loss). Once a model: the outcome
+    is kept in ``model._badam_fused_ce``, and a patched model is left as it is."""
+    if getattr(model, "_badam_fused_ce", False):
+        return None
+    reason = _apply_fused_loss(model)
+    model._badam_fused_ce = reason is None
+    return reason
+
+
+def _apply_fused_loss(model) -> Optional[str]:
     device = next(model.parameters()).device
     reason = fused_ce_problem(model, device.type)
     if reason is not None:

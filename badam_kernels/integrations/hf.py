@@ -85,11 +85,9 @@ def _fast(model: torch.nn.Module, config: BAdamOptions) -> BAdamOptions:
     every layer keeping its activations where the config keeps none (the default)."""
     from ..finetune.fast import patch_model
 
-    if not getattr(model, "_badam_fused_ce", False):
-        reason = patch_model(model)
-        if reason is not None:
-            warnings.warn(f"BAdamConfig(fast=True): {reason}; the model keeps its plain loss")
-        model._badam_fused_ce = reason is None
+    reason = patch_model(model)  # once a model (a second optimizer over it patches nothing)
+    if reason is not None:
+        warnings.warn(f"BAdamConfig(fast=True): {reason}; the model keeps its plain loss")
     keep = "all" if config.keep_activations == 0 else config.keep_activations
     return dataclasses.replace(config, compile_layers=True, keep_activations=keep)
 
