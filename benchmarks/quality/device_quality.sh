@@ -44,7 +44,7 @@ half() {  # the GGUF's half $1 as carried: from the git-ignored parts folder, el
   [ -f "$f" ] && echo "$f" || echo ".gguf/gguf_part.$1"
 }
 pack() {  # into a temporary file first: a call cut short mid-pack still returns the previous, whole tar
-  tar cf "$OUT/.quality_work.tar" --exclude=runs --exclude=model --exclude=corpus --exclude=data -C benchmarks/quality work \
+  tar cf "$OUT/.quality_work.tar" --exclude=runs --exclude=model --exclude=corpus --exclude=data --exclude=gguf_parts -C benchmarks/quality work \
     2>/dev/null && mv "$OUT/.quality_work.tar" "$OUT/quality_work.tar"
 }
 # every minute too: a call killed at its time limit (SIGKILL runs no trap) still returns the runs finished by then
