@@ -80,8 +80,19 @@ def test_default_job_writes_metrics_plot_and_checkpoint(tmp_path):
     held = summary["memory_bytes"]
     assert set(held) == {"weights", "master", "moments", "grads", "host_parked"} and held["weights"] > 0
     assert summary["step"] == 6 and not summary["interrupted"]
+    assert summary["peak_reserved_mib"] is None and summary["device_used_mib"] is None  # GPU figures only
     # the checkpoint is a Hugging Face model folder: it can be fine-tuned further with --model
     assert run_cli("--model", run / "checkpoint", "--steps", 2, "--out", tmp_path / "again", *TINY) == 0
+
+
+@pytest.mark.gpu
+def test_gpu_summary_says_what_the_card_holds(tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("--steps", 2, "--out", run, "--device", "cuda", *TINY) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    # reserved covers allocated; the device's use adds the CUDA context to what the allocator keeps
+    assert summary["peak_reserved_mib"] >= summary["peak_mem_mib"] > 0
+    assert summary["device_used_mib"] > 0
 
 
 def test_resume_mid_run_is_exact(tmp_path):

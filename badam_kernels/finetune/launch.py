@@ -12,7 +12,7 @@ import dataclasses
 import os
 import signal
 import sys
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -125,6 +125,17 @@ def peak_memory_mib(device: torch.device) -> float:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def gpu_memory_held_mib(device: torch.device) -> Dict[str, Optional[float]]:
+    """Beyond the allocated peak, on a GPU: the allocator's reserved peak (allocated plus its cached,
+    fragmented blocks) and what the whole device has in use now (every process' CUDA context,
+    loaded kernels and reserve: what the card must hold); None on the CPU."""
+    if device.type != "cuda":
+        return {"peak_reserved_mib": None, "device_used_mib": None}
+    free, total = torch.cuda.mem_get_info(device)
+    return {"peak_reserved_mib": round(torch.cuda.max_memory_reserved(device) / 2**20, 1),
+            "device_used_mib": round((total - free) / 2**20, 1)}
 
 
 class StopFlag:

@@ -38,8 +38,8 @@ from .config import (DEFAULT_SOURCES, DTYPES, EMBEDDED_DATA_STEPS, ConfigError, 
                      config_for_resume, one_line, resolve)
 from .data import build_data
 from .evaluate import Evaluation
-from .launch import (StopFlag, agree_over_ranks, check_backend, on_every_rank, optimizer_class, peak_memory_mib,
-                     processes, shard_model)
+from .launch import (StopFlag, agree_over_ranks, check_backend, gpu_memory_held_mib, on_every_rank, optimizer_class,
+                     peak_memory_mib, processes, shard_model)
 from .model import check_layer_stack, load_model, prepare_for_training, warn_past_positions
 from .plots import plot_loss, read_metrics
 from .profiling import StepProfiler
@@ -298,8 +298,8 @@ def finish(run: Run, progress: Progress) -> Dict[str, Any]:
         "interrupted": step < target, "first_loss": losses[0] if losses else None, "last_loss": last_loss,
         "mean_loss_last_10": sum(tail) / len(tail) if tail else None, "wall_s": round(wall, 2),
         "tokens_per_s": round((progress.tokens_seen - progress.tokens_before) / wall, 1) if wall else None,
-        "peak_mem_mib": round(peak_memory_mib(run.device), 1), "num_blocks": run.optimizer.num_blocks,
-        "device": run.device.type, "dtype": cfg.dtype, "nonfinite_steps": progress.nonfinite, "memory_bytes": held,
+        "peak_mem_mib": round(peak_memory_mib(run.device), 1), **gpu_memory_held_mib(run.device),
+        "num_blocks": run.optimizer.num_blocks, "device": run.device.type, "dtype": cfg.dtype, "nonfinite_steps": progress.nonfinite, "memory_bytes": held,
         "shard": cfg.shard, "world_size": run.world, "grad_accum": cfg.grad_accum,
         "plan": run.plan.as_dict() if run.plan is not None else None, **(run.evaluation.summary() if run.evaluation else {}),
     }
