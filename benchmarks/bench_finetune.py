@@ -11,7 +11,9 @@ reads bytes) with a text file of random words, then, each in a fresh process:
   grad, and pays a recompile; its figure is kept as ``tokens_per_s_first_epoch``), the per-step
   seconds, the plan from ``config.json``, the peak from ``summary.json``; then two blocks more under
   ``--profile-steps``, whose operators' table (by GPU time) goes into the row as ``profile_ops``;
-* on the 8B shape the same with ``--memory-budget 24`` (a 24 GB card's plan);
+* on the 8B shape the same with ``--memory-budget 24`` (a 24 GiB card's plan), on a GPU run as on a
+  24 GiB card (``as_card.py``: the allocator capped at 24 GiB less the process' CUDA context), so that
+  the row shows the plan fits a real card, not only its own estimate;
 * bench_e2e.py's fastest configuration (``ours_fast_ce8_compiled``: liger's fused cross-entropy with
   chunk_mem_const 8, compiled layers, checkpointing with every layer kept; ``ours_fast`` on the CPU)
   over one block epoch at the same batch, as bench_e2e measures it.
@@ -85,15 +87,16 @@ def write_text(path: Path, tokens: int) -> Path:
 
 
 def run_job(name: str, model: Path, data: Path, out: Path, batch: int, seq: int, K: int, layers: int,
-            extra: List[str], timeout: int) -> Dict:
+            extra: List[str], timeout: int, card_gib: Optional[float] = None) -> Dict:
     """``python -m badam_kernels`` (the CLI) in a fresh process; tokens/s over the second block epoch
     after two warm-up blocks, and over the first; then ``PROFILED_BLOCKS`` blocks more under
     ``--profile-steps`` (after the timed steps, which the profiler would slow), whose operators' table
-    goes into the row."""
+    goes into the row. ``card_gib``: run as on a GPU of that size (``as_card.py``)."""
     warm, epoch = 2 * K, layers * K
     timed = warm + 2 * epoch
     steps = timed + PROFILED_BLOCKS * K
-    cmd = [sys.executable, "-m", "badam_kernels", "--model", str(model), "--data", str(data), "--out", str(out),
+    launcher = ["-m"] if card_gib is None else [str(Path(__file__).with_name("as_card.py")), f"{card_gib:g}"]
+    cmd = [sys.executable, *launcher, "badam_kernels", "--model", str(model), "--data", str(data), "--out", str(out),
            "--batch-size", str(batch), "--seq-len", str(seq), "--switch-every", str(K), "--steps", str(steps),
            "--lr", str(LR), "--no-progress", "--log-every", str(steps), "--profile-steps", f"{timed + 1}-{steps}",
            *extra]
@@ -102,7 +105,7 @@ def run_job(name: str, model: Path, data: Path, out: Path, batch: int, seq: int,
     row = dict(name=name, command=" ".join(cmd[1:]), wall_s=round(time.perf_counter() - began, 1),
                stdout=proc.stdout[-3000:], stderr=proc.stderr[-3000:])
     if proc.returncode != 0:
-        return dict(row, status=f"exit {proc.returncode}")
+        return dict(row, status="OOM" if "OutOfMemoryError" in proc.stderr else f"exit {proc.returncode}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     elapsed = {r["step"]: r["elapsed_s"] for r in records}
     summary = json.loads((out / "summary.json").read_text())
@@ -112,7 +115,9 @@ def run_job(name: str, model: Path, data: Path, out: Path, batch: int, seq: int,
     return dict(row, status="ok", tokens_per_s=_tokens_per_s(records, warm + epoch, timed),
                 tokens_per_s_first_epoch=_tokens_per_s(records, warm, warm + epoch),
                 step_seconds=[round(elapsed[k] - elapsed.get(k - 1, 0.0), 4) for k in sorted(elapsed)],
-                peak_mem_GiB=summary["peak_mem_mib"] / 1024, plan=plan, loss_last=loss_last, steps_timed=epoch, profile_ops=ops[:PROFILE_LINES],
+                peak_mem_GiB=summary["peak_mem_mib"] / 1024, peak_reserved_mib=summary.get("peak_reserved_mib"),
+                device_used_mib=summary.get("device_used_mib"), card_gib=card_gib, plan=plan, loss_last=loss_last,
+                steps_timed=epoch, profile_ops=ops[:PROFILE_LINES],
                 notes=[line for line in proc.stderr.splitlines() if "note:" in line])
 
 
@@ -140,13 +145,15 @@ def bench_shape(shape: str, args, device: str, record) -> None:
     work.mkdir(parents=True, exist_ok=True)
     model = save_model_folder(shape, work / f"llama_{shape}", device)
     data = write_text(work / "words.txt", 4 * (2 + 2 * layers + PROFILED_BLOCKS) * K * batch * (seq + 1))
-    runs = [("badam-finetune (defaults)", [])]
+    runs = [("badam-finetune (defaults)", [], None)]
     for budget in spec["budgets"]:
         extra = ["--memory-budget", f"{budget:g}"] + (["--fast", "on", "--no-compile"] if device != "cuda" else [])
-        runs.append((f"badam-finetune --memory-budget {budget:g}", extra))
-    for k, (name, extra) in enumerate(runs):
+        card = budget if device == "cuda" else None
+        runs.append((f"badam-finetune --memory-budget {budget:g}" + (f" on a {card:g} GiB card" if card else ""),
+                     extra, card))
+    for k, (name, extra, card) in enumerate(runs):
         out = work / f"run_{shape}_{k}_{int(time.time())}"
-        row = run_job(name, model, data, out, batch, seq, K, layers, extra, args.timeout)
+        row = run_job(name, model, data, out, batch, seq, K, layers, extra, args.timeout, card)
         record(dict(row, shape=shape, batch=batch, seq=seq))
     row = run_e2e(shape, batch, seq, K, layers, device)
     record(dict(row, shape=shape, batch=batch, seq=seq))
@@ -154,10 +161,10 @@ def bench_shape(shape: str, args, device: str, record) -> None:
 
 def _print(row: Dict) -> None:
     plan = (row.get("plan") or {}).get("line", row.get("e2e_method", ""))
-    tps, peak = row.get("tokens_per_s"), row.get("peak_mem_GiB")
-    print(f"{row['shape']:>5} {row['name']:<36} {row.get('status'):>6}  "
-          f"{'' if tps is None else f'{tps:,.0f} tok/s'}  {'' if peak is None else f'peak {peak:.1f} GiB'}  {plan}",
-          flush=True)
+    tps, peak, reserved = row.get("tokens_per_s"), row.get("peak_mem_GiB"), row.get("peak_reserved_mib")
+    print(f"{row['shape']:>5} {row['name']:<46} {row.get('status'):>6}  "
+          f"{'' if tps is None else f'{tps:,.0f} tok/s'}  {'' if peak is None else f'peak {peak:.1f} GiB'}"
+          f"{'' if reserved is None else f' (reserved {reserved / 1024:.1f})'}  {plan}", flush=True)
     if row.get("status") != "ok" and row.get("stderr"):
         print(row["stderr"][-1500:], file=sys.stderr)
 
