@@ -2,6 +2,8 @@
 # One call on the GPU machine: install the carried wheels, build the CUDA extension, run the GPU
 # tests and the benchmarks named in $BENCH, and pack the results into $OUT.
 #   run(command="bash benchmarks/device_run.sh", carry=[".whl"])
+# .whl: ../shared/tools/device-wheels badam==1.4 galore-torch==1.0 lomo-optim==0.1.1 apollo-torch==1.0.3 fira==1.0.2 \
+#         gguf==0.19.0 tensorly liger-kernel==0.8.5 nvidia-ml-py==13.615.71   (the image has none of them)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
