@@ -299,7 +299,8 @@ def finish(run: Run, progress: Progress) -> Dict[str, Any]:
         "mean_loss_last_10": sum(tail) / len(tail) if tail else None, "wall_s": round(wall, 2),
         "tokens_per_s": round((progress.tokens_seen - progress.tokens_before) / wall, 1) if wall else None,
         "peak_mem_mib": round(peak_memory_mib(run.device), 1), **gpu_memory_held_mib(run.device),
-        "num_blocks": run.optimizer.num_blocks, "device": run.device.type, "dtype": cfg.dtype, "nonfinite_steps": progress.nonfinite, "memory_bytes": held,
+        "num_blocks": run.optimizer.num_blocks, "device": run.device.type, "dtype": cfg.dtype,
+        "nonfinite_steps": progress.nonfinite, "memory_bytes": held,
         "shard": cfg.shard, "world_size": run.world, "grad_accum": cfg.grad_accum,
         "plan": run.plan.as_dict() if run.plan is not None else None, **(run.evaluation.summary() if run.evaluation else {}),
     }
