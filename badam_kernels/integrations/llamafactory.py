@@ -150,9 +150,10 @@ def options_from_env(environ=None) -> Dict[str, Any]:
 
 def _flag(suffix: str, text: str) -> bool:
     """A ``BADAM_KERNELS_<suffix>`` on/off value."""
-    if text.strip().lower() not in _TRUE + _FALSE:
-        raise ValueError(f"{ENV_PREFIX}{suffix} must be 1 or 0, got {text.strip()!r}")
-    return text.strip().lower() in _TRUE
+    value = text.strip()
+    if value.lower() not in _TRUE + _FALSE:
+        raise ValueError(f"{ENV_PREFIX}{suffix} must be 1 or 0, got {value!r}")
+    return value.lower() in _TRUE
 
 
 def fused_ce_from_env(environ=None) -> bool:
