@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -328,6 +329,9 @@ def main(argv=None) -> int:
         t1 = time.perf_counter()
         code = run_method(method, config, record, args.timeout)
         wall = time.perf_counter() - t1
+        # LLaMA-Factory saves the trained model at the end: 16 GB a method on 8B, and the GPU machine's disk
+        # (64 GB) does not hold three of them beside the model folder
+        shutil.rmtree(work / f"out_{method}", ignore_errors=True)
         if code != 0 or not record.exists():
             tail = record.with_suffix(".log").read_text()[-3000:]
             results[method] = dict(error=f"exit {code}", log_tail=tail, wall_s=wall)
