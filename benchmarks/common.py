@@ -1,6 +1,7 @@
 """What every benchmark shares: the device record, timing, and writing JSON + PNG to results/."""
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import datetime as _dt
 import functools
@@ -86,6 +87,22 @@ def result_path(stem: str, suffix: str, device: dict = None) -> Path:
     date = _dt.date.today().isoformat()
     RESULTS.mkdir(parents=True, exist_ok=True)
     return RESULTS / f"{stem}_{name}_{date}.{suffix}"
+
+
+def runs_device(runs: list) -> dict | None:
+    """The device record of the machine ``runs`` (result dicts with a ``device``) were made on, for a report
+    written elsewhere. Runs from several kinds of GPU (a study spread over sessions that were lent different
+    cards) give a record named after all of them, most runs first ("NVIDIA H200+H100": files then read
+    ``..._h200+h100_...``), with ``runs_per_device``; their wall times are then comparable only within a kind."""
+    records = [r["device"] for r in runs if r.get("device")]
+    if not records:
+        return None
+    counts = collections.Counter(d["name"] for d in records)
+    if len(counts) == 1:
+        return records[0]
+    names = [name for name, _ in counts.most_common()]
+    short = "+".join(name.replace("NVIDIA ", "").split()[0] for name in names)
+    return dict(records[0], name=f"NVIDIA {short}", runs_per_device=dict(counts.most_common()))
 
 
 def write_json(stem: str, payload: dict, device: dict = None) -> Path:

@@ -10,7 +10,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 sys.path.insert(0, str(BENCHMARKS / "quality"))
-from common import sweep_lrs  # noqa: E402
+from common import result_path, runs_device, sweep_lrs  # noqa: E402
 
 
 @pytest.mark.parametrize("scores,expected", [
@@ -83,3 +83,13 @@ def test_pretrain_llama_steps_past_the_edge_with_the_lowest_perplexity(tmp_path,
             (results / f"60m_{method}_lr{lr:g}.json").write_text(
                 json.dumps(dict(size="60m", method=method, lr=lr, status="ok", val_ppl=ppl)))
     assert pretrain_llama.pending(a) == [("adamw", 0.018)]  # adamw's best is its top edge; galore's is inside
+
+
+def test_a_report_of_runs_from_two_kinds_of_gpu_is_named_after_both():
+    h200 = dict(name="NVIDIA H200", mem_gib=139.8)
+    h100 = dict(name="NVIDIA H100 80GB HBM3", mem_gib=79.2)
+    assert runs_device([]) is None and runs_device([dict(status="ok")]) is None
+    assert runs_device([dict(device=h100), dict(device=h100)]) == h100  # one kind: its own record
+    mixed = runs_device([dict(device=h200), dict(device=h100), dict(device=h200), dict(status="no device")])
+    assert mixed["name"] == "NVIDIA H200+H100" and mixed["runs_per_device"] == {"NVIDIA H200": 2, h100["name"]: 1}
+    assert result_path("quality_x", "json", mixed).name.startswith("quality_x_h200+h100_")

