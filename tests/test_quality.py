@@ -35,6 +35,11 @@ def test_finetune_rg_quick_runs_every_method_and_reports(tmp_path):
     # the main job's BAdam and the official badam 1.4 train the same blocks on the same batches
     ours, theirs = methods["badam"]["curves"]["0"]["losses"], methods["badam_official"]["curves"]["0"]["losses"]
     assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-4
+    # that trajectory evaluated two ways, by the job's --eval-data (ours) and the study's eval_loss (theirs):
+    # the same steps, the same validation losses
+    ours, theirs = methods["badam"]["curves"]["0"]["val_loss"], methods["badam_official"]["curves"]["0"]["val_loss"]
+    assert [step for step, _ in ours] == [step for step, _ in theirs] == [2, 4]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(ours, theirs)) < 1e-4
     assert methods["badam"]["info"]["command"].startswith("badam-finetune ")
     assert payload["command"].startswith("benchmarks/quality/finetune_rg.py") and payload["versions_where_reported"]["reasoning-gym"] and payload["run_device"]["torch"]
     counts = payload["config"]["counts"]

@@ -285,7 +285,10 @@ def run_name(method, lr, seed):
 
 
 def eval_points(a):
-    return sorted({max(1, round(a.steps * (i + 1) / a.evals)) for i in range(a.evals)})
+    """The steps after which the validation loss is taken: every ``steps // evals`` steps and at the end
+    (what ``badam-finetune --eval-every`` does, so BAdam and the peers are evaluated at the same steps)."""
+    every = max(1, a.steps // a.evals)
+    return sorted(set(range(every, a.steps + 1, every)) | {a.steps})
 
 
 def sync(device):
@@ -307,12 +310,14 @@ def peak_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def badam_args(a, lr, seed, policy, run_dir, steps):
-    """The badam-finetune command line of a run's first piece."""
-    return ["--model", str(WORK / "model"), "--data", str(WORK / "data" / "train.jsonl"), "--steps", str(steps),
+def badam_args(a, lr, seed, policy, run_dir):
+    """The badam-finetune command line of a run: the validation loss by the job's own ``--eval-data``."""
+    every = eval_points(a)[0]
+    return ["--model", str(WORK / "model"), "--data", str(WORK / "data" / "train.jsonl"), "--steps", str(a.steps),
             "--batch-size", str(a.batch), "--seq-len", str(a.seq_len), "--lr", f"{lr:g}", "--warmup-steps", str(a.warmup),
             "--max-grad-norm", "1.0", "--switch-every", str(a.switch_every), "--switch-mode", "descending",
             "--state-policy", policy, "--seed", str(seed), "--dtype", a.dtype, "--device", a.device_type,
+            "--eval-data", str(WORK / "data" / "val.jsonl"), "--eval-every", str(every),
             "--out", str(run_dir), "--log-every", "1000000", "--no-progress"]
 
 
@@ -326,37 +331,28 @@ def badam_finetune(args):
 
 
 def train_badam(a, method, lr, seed, device, val_rows):
-    """BAdam through the main job's command line, in pieces (``--resume``) with a validation loss between them."""
+    """BAdam through the main job's command line, one process; its own evaluation gives the validation loss
+    (the same token-weighted mean over the answer tokens as ``eval_loss``; tests/test_quality.py checks the
+    two agree), and the model comes back from its checkpoint for the generations."""
     import shutil
 
     policy = "offload" if method == "badam_offload" else "reset"
     run_dir = WORK / "runs" / run_name(method, lr, seed)
-    shutil.rmtree(run_dir, ignore_errors=True)  # a piece cut short leaves a partial run: start it again
-    curve, wall, peak, done, commands = [], 0.0, 0.0, 0, []
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run cut short leaves a partial folder: start it again
     a.device_type = device.type
-    for point in eval_points(a):
-        if done == 0:
-            args = badam_args(a, lr, seed, policy, run_dir, point)
-        else:
-            args = ["--resume", str(run_dir), "--steps", str(point - done), "--log-every", "1000000", "--no-progress"]
-        commands.append(badam_finetune(args))
-        summary = json.loads((run_dir / "summary.json").read_text())
-        wall += summary["wall_s"]
-        peak = max(peak, summary["peak_mem_mib"])  # each piece is a process of its own: its peak is its own
-        done = summary["step"]
-        model, tokenizer = load(run_dir / "checkpoint", device, torch.float32)
-        curve.append((done, eval_loss(model, tokenizer, val_rows, a.seq_len, device)))
-        if done < a.steps:
-            del model
-            gc.collect()
+    command = badam_finetune(badam_args(a, lr, seed, policy, run_dir))
+    summary = json.loads((run_dir / "summary.json").read_text())
     records = read_jsonl(run_dir / "metrics.jsonl")
-    info = dict(command=commands[0], commands=commands, blocks=summary["num_blocks"],
-                memory_bytes=summary.get("memory_bytes"))
+    curve = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+    train_s = summary["wall_s"] - sum(r.get("eval_s", 0.0) for r in records)  # the steps' wall, as the peers'
+    model, tokenizer = load(run_dir / "checkpoint", device, torch.float32)
+    info = dict(command=command, blocks=summary["num_blocks"], memory_bytes=summary.get("memory_bytes"))
     losses = [r["loss"] for r in records]
     tokens = sum(r["tokens"] for r in records)
     trainable = sum(p.numel() for p in model.parameters()) // summary["num_blocks"]  # about one block's worth
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # 0.5 GB each; the metrics stay
-    return model, tokenizer, dict(losses=losses, val_loss_curve=curve, train_s=wall, peak_mem_mib=peak, tokens=tokens,
+    return model, tokenizer, dict(losses=losses, val_loss_curve=curve, train_s=train_s,
+                                  peak_mem_mib=summary["peak_mem_mib"], tokens=tokens,
                                   trainable_params_per_block=trainable, info=info)
 
 
