@@ -324,7 +324,9 @@ def badam_args(a, lr, seed, policy, run_dir):
 def badam_finetune(args):
     """``badam-finetune ARGS`` (as ``python -m badam_kernels``, which needs no installed entry point)."""
     cmd = [sys.executable, "-m", "badam_kernels", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # the job's process takes this worker's share of the cores (run_jobs sets it), not every core
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"badam-finetune failed ({done.returncode}): {done.stderr[-1500:]}")
     return "badam-finetune " + " ".join(shlex.quote(x) for x in args)
