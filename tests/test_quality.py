@@ -32,6 +32,8 @@ def test_finetune_rg_quick_runs_every_method_and_reports(tmp_path):
         assert row["status"] == "ok", (name, row)
         assert row["seeds"] == [0, 1] and len(row["curves"]["0"]["losses"]) == payload["config"]["steps"]
         assert 0.0 <= row["test_exact_mean"][0] <= 1.0 and row["peak_mem_mib"] > 0 and row["concurrent_runs"] == 2
+        # the runs shared the device: tokens/s comes from the speed pass after the seeds, each method alone
+        assert row["alone"]["steps"] == 2 and row["alone"]["tokens_per_s"] > 0, (name, row["alone"])
     # the main job's BAdam and the official badam 1.4 train the same blocks on the same batches
     ours, theirs = methods["badam"]["curves"]["0"]["losses"], methods["badam_official"]["curves"]["0"]["losses"]
     assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-4

@@ -75,6 +75,8 @@ TASKS = {
 }
 SEEDS = {"train": 1, "val": 10_000_001, "test": 20_000_001}
 METHODS = ["badam", "badam_offload", "badam_official", "adamw", "lora", "galore", "apollo", "adalomo"]
+THROUGH_THE_JOB = ("badam", "badam_offload")  # run by badam-finetune; the others in process (peers.py)
+SPEED_WARMUP = 5  # steps of the solo speed pass not timed (first passes, allocator growth)
 LR_GRID = {
     "badam": [1e-5, 3e-5, 1e-4], "badam_offload": [1e-5, 3e-5, 1e-4], "badam_official": [1e-5, 3e-5, 1e-4],
     "adamw": [1e-5, 3e-5, 1e-4], "lora": [1e-4, 3e-4, 1e-3], "galore": [3e-5, 1e-4, 3e-4],
@@ -332,14 +334,14 @@ def badam_finetune(args):
     return "badam-finetune " + " ".join(shlex.quote(x) for x in args)
 
 
-def train_badam(a, method, lr, seed, device, val_rows):
+def train_badam(a, method, lr, seed, device, val_rows, name=None):
     """BAdam through the main job's command line, one process; its own evaluation gives the validation loss
     (the same token-weighted mean over the answer tokens as ``eval_loss``; tests/test_quality.py checks the
     two agree), and the model comes back from its checkpoint for the generations."""
     import shutil
 
     policy = "offload" if method == "badam_offload" else "reset"
-    run_dir = WORK / "runs" / run_name(method, lr, seed)
+    run_dir = WORK / "runs" / (name or run_name(method, lr, seed))
     shutil.rmtree(run_dir, ignore_errors=True)  # a run cut short leaves a partial folder: start it again
     a.device_type = device.type
     command = badam_finetune(badam_args(a, lr, seed, policy, run_dir))
@@ -355,6 +357,8 @@ def train_badam(a, method, lr, seed, device, val_rows):
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # 0.5 GB each; the metrics stay
     return model, tokenizer, dict(losses=losses, val_loss_curve=curve, train_s=train_s,
                                   peak_mem_mib=summary["peak_mem_mib"], tokens=tokens,
+                                  step_s=[r["tokens"] / r["tokens_per_s"] for r in records],
+                                  step_tokens=[r["tokens"] for r in records],
                                   trainable_params_per_block=trainable, info=info)
 
 
@@ -371,7 +375,7 @@ def train_peer(a, method, lr, seed, device, val_rows):
     m = peers.build(method, model, lr, **options)
     batches = build_batches(str(WORK / "data" / "train.jsonl"), tokenizer, a.seq_len, a.batch, seed)
     points = set(eval_points(a))
-    losses, curve, wall, tokens, peak = [], [], 0.0, 0, 0.0
+    losses, curve, step_s, step_tokens, peak = [], [], [], [], 0.0
     for step in range(a.steps):
         scale = min(1.0, (step + 1) / a.warmup) if a.warmup else 1.0  # the main job's LambdaLR
         set_lr(m, lr * scale)
@@ -384,8 +388,8 @@ def train_peer(a, method, lr, seed, device, val_rows):
         m.clip(1.0)
         m.run_step()
         losses.append(float(loss.detach()))
-        wall += time.perf_counter() - t0
-        tokens += b.num_tokens
+        step_s.append(time.perf_counter() - t0)
+        step_tokens.append(b.num_tokens)
         if step + 1 in points:
             peak = max(peak, peak_mib(device))
             curve.append((step + 1, eval_loss(m.module, tokenizer, val_rows, a.seq_len, device)))
@@ -394,8 +398,9 @@ def train_peer(a, method, lr, seed, device, val_rows):
     trainable = m.trainable_params()
     info = dict(options, **m.info)
     m.close()
-    return m.module, tokenizer, dict(losses=losses, val_loss_curve=curve, train_s=wall, peak_mem_mib=peak,
-                                     tokens=tokens, trainable_params=trainable, info=info)
+    return m.module, tokenizer, dict(losses=losses, val_loss_curve=curve, train_s=sum(step_s), peak_mem_mib=peak,
+                                     tokens=sum(step_tokens), step_s=step_s, step_tokens=step_tokens,
+                                     trainable_params=trainable, info=info)
 
 
 def set_lr(method, lr):
@@ -419,7 +424,7 @@ def run_one(a, method, lr, seed, device) -> Path:
         return out
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    trainer = train_badam if method in ("badam", "badam_offload") else train_peer
+    trainer = train_badam if method in THROUGH_THE_JOB else train_peer
     try:
         model, tokenizer, result = trainer(a, method, lr, seed, device, val_rows)
     except torch.cuda.OutOfMemoryError:
@@ -499,6 +504,39 @@ def run_stage(a, stage):
     return run_jobs(pending, functools.partial(run_job, a, WORK), a.workers, a.budget_s, stage)
 
 
+def speed(a, t_start: float) -> int:
+    """Each method's tokens/s alone on the device, where the runs shared it (``--workers``): ``--speed-steps``
+    steps after ``SPEED_WARMUP`` not timed, at the method's best lr of seed 0, through the trainer its runs
+    used (BAdam: ``badam-finetune``); ``results/speed/<method>.json``. 0: done; 3: the budget ran out first."""
+    device, results = study_device(a.device), load_results()
+    val_rows = read_jsonl(WORK / "data" / "val.jsonl")
+    solo = argparse.Namespace(**{**vars(a), "steps": SPEED_WARMUP + a.speed_steps, "evals": 1, "workers": 1})
+    for method in a.methods:
+        out = WORK / "results" / "speed" / f"{method}.json"
+        done = [r for r in results if r["method"] == method and r["status"] == "ok" and r["seed"] == 0]
+        if out.is_file() or not done:
+            continue
+        if a.budget_s and time.time() - t_start > a.budget_s:
+            print("budget spent before the speed pass; run again to go on")
+            return 3
+        lr = max(done, key=rank)["lr"]
+        if method in THROUGH_THE_JOB:
+            model, _, r = train_badam(solo, method, lr, 0, device, val_rows, name=f"speed_{method}")
+        else:
+            model, _, r = train_peer(solo, method, lr, 0, device, val_rows)
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        seconds, tokens = r["step_s"][SPEED_WARMUP:], r["step_tokens"][SPEED_WARMUP:]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_result(out, dict(method=method, lr=lr, steps=len(seconds), tokens_per_s=sum(tokens) / sum(seconds),
+                               median_step_s=statistics.median(seconds), peak_mem_mib=r["peak_mem_mib"],
+                               device=device_record()))
+        print(f"{method}: {sum(tokens) / sum(seconds):,.0f} tokens/s alone", flush=True)
+    return 0
+
+
 def run_job(a, work, job) -> None:
     """One run (method, lr, seed), in this process or a worker (``work``: the work folder)."""
     global WORK
@@ -521,6 +559,19 @@ def rescore():
 # ----------------------------------------------------------------------------------- report
 def mean_std(values):
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def solo_speed(method, concurrent_runs, runs_tokens_per_s) -> dict:
+    """Tokens/s of a method on the device alone: its runs' own where they ran alone, else the speed pass's."""
+    if concurrent_runs == 1:
+        return dict(tokens_per_s=runs_tokens_per_s, source="its runs (alone on the device)")
+    path = WORK / "results" / "speed" / f"{method}.json"
+    if not path.is_file():
+        return dict(tokens_per_s=None, source=f"not yet measured alone (its runs shared the device, {concurrent_runs} "
+                                              "at a time; the speed pass follows the seeds)")
+    solo = json.loads(path.read_text())
+    return dict(solo, source=f"the speed pass ({solo['steps']} steps alone at lr {solo['lr']:g}, "
+                             f"{solo['device']['name']})")
 
 
 def report(a, commands):
@@ -555,6 +606,7 @@ def report(a, commands):
         row["train_s"] = mean_std([r["train_s"] for r in runs])
         row["concurrent_runs"] = max(r.get("concurrent_runs", 1) for r in runs)  # wall times measured side by side
         row["devices"] = sorted({r["device"]["name"] for r in runs if r.get("device")})  # train_s: within a kind
+        row["alone"] = solo_speed(m, row["concurrent_runs"], runs[0]["tokens"] / row["train_s"][0])
         row["tokens"] = runs[0]["tokens"]
         row["trainable_params"] = runs[0].get("trainable_params", runs[0].get("trainable_params_per_block"))
         row["info"] = runs[0].get("info")
@@ -577,8 +629,11 @@ def report(a, commands):
     for m, row in table.items():
         if row["status"] == "ok":
             e = row["test_exact_mean"]
+            alone = row["alone"]["tokens_per_s"]
             print(f"  {m:15s} lr {row['lr']:<7g} held-out exact {e[0]:.3f} +- {e[1]:.3f} ({len(row['seeds'])} seeds), "
-                  f"peak {row['peak_mem_mib']:.0f} MiB, train {row['train_s'][0]:.1f} s; lr from {row['lr_chosen_on']}")
+                  f"peak {row['peak_mem_mib']:.0f} MiB, train {row['train_s'][0]:.1f} s, "
+                  + (f"{alone:,.0f} tokens/s alone" if alone else "tokens/s alone not measured")
+                  + f"; lr from {row['lr_chosen_on']}")
         else:
             print(f"  {m:15s} {row['status']} {row.get('reason') or ''}")
     return path
@@ -651,6 +706,8 @@ def parser():
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--workers", type=int, default=1,
                    help="runs side by side on the one device, each in a process of its own (wall times then overlap)")
+    p.add_argument("--speed-steps", type=int, default=50,
+                   help="with --workers: each method timed alone after the seeds, this many steps")
     p.add_argument("--lr", nargs="*", metavar="METHOD=LR,LR,...", help="replace a method's lr grid")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--extend", type=int, default=2,
@@ -678,8 +735,8 @@ def parser():
 def main(argv=None):
     global WORK
     a = parser().parse_args(argv)
-    if a.workers < 1:
-        parser().error(f"--workers must be at least 1, got {a.workers}")
+    if a.workers < 1 or a.speed_steps < 1:
+        parser().error(f"--workers and --speed-steps must be at least 1, got {a.workers} and {a.speed_steps}")
     if a.quick:
         import tempfile
 
@@ -687,6 +744,7 @@ def main(argv=None):
         a.n_train, a.n_val, a.n_test, a.steps, a.batch, a.seq_len = 8, 2, 3, 4, 4, 96
         a.switch_every, a.evals, a.seeds, a.warmup, a.max_new_tokens = 1, 2, 2, 1, 4
         a.extend = 0  # one lr a method: no edge to step past (tests/test_quality_sweep.py tests the steps)
+        a.speed_steps = 2
         a.lr = (a.lr or []) + [f"{m}={LR_GRID[m][1]:g}" for m in METHODS]  # one lr each: the middle one
         a.device = "cpu" if a.device == "auto" else a.device
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
@@ -697,8 +755,13 @@ def main(argv=None):
         make_model(a)
     if a.step in ("run", "all"):
         baseline(a)
+        t_start = time.time()
         for stage in (["sweep", "seeds"] if a.stage == "both" else [a.stage]):
             rc = run_stage(a, stage)
+            if rc:
+                return rc
+        if a.workers > 1 and a.stage != "sweep":  # the runs shared the device: time each method alone
+            rc = speed(a, t_start)
             if rc:
                 return rc
     if a.step == "score":
