@@ -29,8 +29,8 @@ What it does:
    ``badam_kernels.integrations.llamafactory.install()`` (what ``badam-llamafactory`` does); ``ours_fast``
    with ``BADAM_KERNELS_COMPILE=1 BADAM_KERNELS_FUSED_CE=1`` (the main job's fast path: compiled layers,
    liger's fused loss alone); ``ours_fast_24g`` the same with ``BADAM_KERNELS_MEMORY_BUDGET=24`` (the layers
-   whose activations fit 24 GiB keep them instead of LLaMA-Factory's recomputation); ``ours_compiled`` with the
-   compile only; ``ours_liger`` and ``official_liger``
+   whose activations fit 24 GiB keep them instead of LLaMA-Factory's recomputation); ``ours_fast_all`` with
+   ``BADAM_KERNELS_FAST=1`` (all of it, the budget the GPU's free memory); ``ours_compiled`` with the compile only; ``ours_liger`` and ``official_liger``
    with ``enable_liger_kernel: true`` (liger's loss and its layer kernels, eager). The only addition to the
    run is a callback that times each step
    (synchronised), counts its tokens (``include_num_input_tokens_seen``) and reads the peak allocated memory.
@@ -72,6 +72,8 @@ METHODS = {  # method -> (install badam_kernels, extra environment, extra YAML)
     # (LLaMA-Factory checkpoints every layer; the main job's plan, finetune/plan.py, picks how many)
     "ours_fast_24g": (True, {"BADAM_KERNELS_COMPILE": "1", "BADAM_KERNELS_FUSED_CE": "1",
                              "BADAM_KERNELS_MEMORY_BUDGET": "24"}, {}),
+    # all of it by one switch: the activations planned within the GPU's free memory (the main job's default)
+    "ours_fast_all": (True, {"BADAM_KERNELS_FAST": "1"}, {}),
     "ours_compiled": (True, {"BADAM_KERNELS_COMPILE": "1"}, {}),
     "ours_liger": (True, {}, {"enable_liger_kernel": True}),
     "official_liger": (False, {}, {"enable_liger_kernel": True}),  # the official with liger's kernels

@@ -19,10 +19,34 @@ def test_environment_options_map_to_badam_options():
     assert lf.fused_ce_from_env({"BADAM_KERNELS_FUSED_CE": "1"}) and not lf.fused_ce_from_env({})
 
 
+def test_fast_turns_on_the_whole_fast_path_and_each_variable_still_wins():
+    fast = {"BADAM_KERNELS_FAST": "1"}
+    assert lf.fast_from_env(fast) and not lf.fast_from_env({})
+    assert lf.options_from_env(fast) == dict(compile_layers=True) and lf.fused_ce_from_env(fast)
+    off = dict(fast, BADAM_KERNELS_COMPILE="0", BADAM_KERNELS_FUSED_CE="0")
+    assert lf.options_from_env(off) == dict(compile_layers=False) and not lf.fused_ce_from_env(off)
+    assert lf.options_from_env({"BADAM_KERNELS_FAST": "0"}) == {}
+    # its budget: the main job's default on a GPU; off a GPU none (every frozen layer keeps its activations)
+    assert lf.fast_budget_gib(tiny_llama(layers=2)) is None
+
+
+@pytest.mark.gpu
+def test_fast_budget_is_the_main_jobs_default_counting_the_loaded_model_as_free():
+    import torch
+
+    from badam_kernels.finetune.plan import GiB, MARGIN_GIB, MARGIN_SHARE
+
+    model = tiny_llama(layers=2).cuda()
+    free, total = torch.cuda.mem_get_info()
+    expected = (free + torch.cuda.memory_allocated() - MARGIN_GIB * GiB - MARGIN_SHARE * total) / GiB
+    assert lf.fast_budget_gib(model) == pytest.approx(expected, abs=0.01)
+
+
 @pytest.mark.parametrize("name,value,message", [
     ("COMPILE", "maybe", "BADAM_KERNELS_COMPILE must be 1 or 0, got 'maybe'"),
     ("KEEP_ACTIVATIONS", "-2", "BADAM_KERNELS_KEEP_ACTIVATIONS must be a non-negative integer or 'all', got '-2'"),
     ("FUSED_CE", "maybe", "BADAM_KERNELS_FUSED_CE must be 1 or 0, got 'maybe'"),
+    ("FAST", "sure", "BADAM_KERNELS_FAST must be 1 or 0, got 'sure'"),
     ("MEMORY_BUDGET", "lots", "BADAM_KERNELS_MEMORY_BUDGET must be a positive number of GiB, got 'lots'"),
     ("MEMORY_BUDGET", "0", "BADAM_KERNELS_MEMORY_BUDGET must be a positive number of GiB, got '0'"),
 ])

@@ -73,6 +73,9 @@ with several GPUs starts workers that do not import this module (they get the of
 
 The fast path, opt-in by environment variable (LLaMA-Factory rejects unknown YAML keys):
 
+* ``BADAM_KERNELS_FAST=1``: all of it at once, as the main job's ``--fast on``: compiled layers, the fused loss
+  and the kept activations planned within the GPU's free memory less the main job's margin (2 GiB and 5%),
+  each part of it replaced by its own variable where that is set (``BADAM_KERNELS_COMPILE=0``, say);
 * ``BADAM_KERNELS_COMPILE=1``: ``compile_layers`` (each layer through ``torch.compile``); ignored, with a
   warning, where ``enable_liger_kernel`` put liger's modules in the layers (compiled together they ended in an
   illegal memory access on the GPU);
@@ -106,7 +109,7 @@ from .. import BlockOptimizer, find_layer_stack
 from ..options import BAdamOptions, OptionError
 
 __all__ = ["install", "uninstall", "installed", "create_badam_optimizer", "options_from_env", "memory_budget_from_env",
-           "fused_ce_from_env", "planned_activations", "main"]
+           "fused_ce_from_env", "fast_from_env", "fast_budget_gib", "planned_activations", "main"]
 
 ENV_PREFIX = "BADAM_KERNELS_"
 _ENV_OPTIONS = {  # environment variable (after the prefix) -> BAdamOptions field
@@ -145,7 +148,16 @@ def options_from_env(environ=None) -> Dict[str, Any]:
             found[field] = text if text == "all" else int(text)
         else:
             found[field] = text
+    if fast_from_env(environ):
+        found.setdefault("compile_layers", True)
     return found
+
+
+def fast_from_env(environ=None) -> bool:
+    """``BADAM_KERNELS_FAST``: the whole fast path, each part unless its own variable says otherwise (off when
+    unset)."""
+    environ = os.environ if environ is None else environ
+    return _flag("FAST", environ.get(ENV_PREFIX + "FAST", "0"))
 
 
 def _flag(suffix: str, text: str) -> bool:
@@ -157,9 +169,10 @@ def _flag(suffix: str, text: str) -> bool:
 
 
 def fused_ce_from_env(environ=None) -> bool:
-    """``BADAM_KERNELS_FUSED_CE``: liger's fused linear cross-entropy for the loss alone (off when unset)."""
+    """``BADAM_KERNELS_FUSED_CE``: liger's fused linear cross-entropy for the loss alone (when unset: on with
+    ``BADAM_KERNELS_FAST=1``, else off)."""
     environ = os.environ if environ is None else environ
-    return _flag("FUSED_CE", environ.get(ENV_PREFIX + "FUSED_CE", "0"))
+    return _flag("FUSED_CE", environ.get(ENV_PREFIX + "FUSED_CE", "1" if fast_from_env(environ) else "0"))
 
 
 def memory_budget_from_env(environ=None) -> Optional[float]:
@@ -241,7 +254,10 @@ def _fast_path(model, layers, liger: List[str], options: BAdamOptions, training_
     """The ``BADAM_KERNELS_*`` fast path against what LLaMA-Factory set up: (the options with the compile and
     the kept layers decided, whether ours decide the kept layers, whether our fused loss is patched in)."""
     keep_given, budget = "keep_activations" in options_from_env(), memory_budget_from_env()
-    if budget is not None and not getattr(model, "is_gradient_checkpointing", True):
+    checkpointing = getattr(model, "is_gradient_checkpointing", True)
+    if budget is None and fast_from_env() and checkpointing and not keep_given:
+        budget = fast_budget_gib(model)
+    if budget is not None and not checkpointing:
         logger.warning_rank0(f"badam-llamafactory: {ENV_PREFIX}MEMORY_BUDGET has nothing to plan: gradient "
                              "checkpointing is off (disable_gradient_checkpointing), so every layer keeps its activations")
         budget = None
@@ -272,6 +288,19 @@ def _fast_path(model, layers, liger: List[str], options: BAdamOptions, training_
             if func is not None and hasattr(func, "__wrapped__"):
                 layer._gradient_checkpointing_func = func.__wrapped__
     return options, ours_keep, fused_ours
+
+
+def fast_budget_gib(model) -> Optional[float]:
+    """``BADAM_KERNELS_FAST``'s budget where ``BADAM_KERNELS_MEMORY_BUDGET`` is unset: the main job's default (the
+    GPU's free memory less 2 GiB and 5% of its size), with what this process' allocator holds counted as free,
+    since the model is on the GPU by now and the plan counts its weights itself; None off a GPU (no limit)."""
+    from ..finetune.plan import GiB, DeviceFacts, default_budget
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return default_budget(DeviceFacts("cuda", free + torch.cuda.memory_allocated(device), total)) / GiB
 
 
 def fuse_the_loss(model, liger: List[str], logger) -> bool:
@@ -426,7 +455,8 @@ USAGE = """usage: badam-llamafactory train CONFIG.yaml [key=value ...]
 
 LLaMA-Factory's `llamafactory-cli` with badam_kernels in place of the official BAdam: a YAML with
 `use_badam: true` trains with badam_kernels.BlockOptimizer and truncated backward. Every other command
-and argument is llamafactory-cli's own. Fast path (environment): BADAM_KERNELS_COMPILE=1,
+and argument is llamafactory-cli's own. Fast path (environment): BADAM_KERNELS_FAST=1 (all of the
+following at once, the activations planned within the GPU's free memory), BADAM_KERNELS_COMPILE=1,
 BADAM_KERNELS_FUSED_CE=1, BADAM_KERNELS_KEEP_ACTIVATIONS=N|all, BADAM_KERNELS_MEMORY_BUDGET=GiB, BADAM_KERNELS_KEEP_MODE=all|matmuls,
 BADAM_KERNELS_STATE_POLICY=reset|offload, BADAM_KERNELS_BACKEND, BADAM_KERNELS_TRUNCATE=0."""
 
@@ -447,7 +477,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         options_from_env()
         memory_budget_from_env()
-        fused_ce_from_env()
+        fused_ce_from_env()  # BADAM_KERNELS_FAST's value too
     except ValueError as exc:
         print(f"badam-llamafactory: error: {exc}", file=sys.stderr)
         return 2
