@@ -28,8 +28,9 @@ What it does:
    ``llamafactory-cli`` runs): ``official`` as it is; ``ours`` after
    ``badam_kernels.integrations.llamafactory.install()`` (what ``badam-llamafactory`` does); ``ours_fast``
    with ``BADAM_KERNELS_COMPILE=1 BADAM_KERNELS_FUSED_CE=1`` (the main job's fast path: compiled layers,
-   liger's fused loss alone); ``ours_fast_24g`` the same with ``BADAM_KERNELS_MEMORY_BUDGET=24`` (the layers
-   whose activations fit 24 GiB keep them instead of LLaMA-Factory's recomputation); ``ours_fast_all`` with
+   liger's fused loss alone); ``ours_fast_24g`` the same with ``BADAM_KERNELS_MEMORY_BUDGET=24`` (the most top
+   layers whose activations fit 24 GiB keep them, the others are recomputed; LLaMA-Factory's own checkpoint
+   function keeps every frozen layer's, whatever the memory); ``ours_fast_all`` with
    ``BADAM_KERNELS_FAST=1`` (all of it, the budget the GPU's free memory); ``ours_compiled`` with the compile only; ``ours_liger`` and ``official_liger``
    with ``enable_liger_kernel: true`` (liger's loss and its layer kernels, eager). The only addition to the
    run is a callback that times each step
@@ -68,8 +69,8 @@ METHODS = {  # method -> (install badam_kernels, extra environment, extra YAML)
     # also swaps the layers' modules, and compiled layers holding them crashed: the integration drops the
     # compile there, so ours_liger is eager)
     "ours_fast": (True, {"BADAM_KERNELS_COMPILE": "1", "BADAM_KERNELS_FUSED_CE": "1"}, {}),
-    # and the layers that fit a 24 GiB budget keep their activations instead of being recomputed
-    # (LLaMA-Factory checkpoints every layer; the main job's plan, finetune/plan.py, picks how many)
+    # within a 24 GiB budget: LLaMA-Factory's checkpoint function keeps every frozen layer's activations
+    # whatever the memory; the main job's plan (finetune/plan.py) keeps the most top layers that fit
     "ours_fast_24g": (True, {"BADAM_KERNELS_COMPILE": "1", "BADAM_KERNELS_FUSED_CE": "1",
                              "BADAM_KERNELS_MEMORY_BUDGET": "24"}, {}),
     # all of it by one switch: the activations planned within the GPU's free memory (the main job's default)
