@@ -31,10 +31,9 @@ What it does:
    liger's fused loss alone); ``ours_fast_24g`` the same with ``BADAM_KERNELS_MEMORY_BUDGET=24`` (the most top
    layers whose activations fit 24 GiB keep them, the others are recomputed; LLaMA-Factory's own checkpoint
    function keeps every frozen layer's, whatever the memory); ``ours_fast_all`` with
-   ``BADAM_KERNELS_FAST=1`` (all of it, the budget the GPU's free memory); ``ours_compiled`` with the compile only; ``ours_liger`` and ``official_liger``
-   with ``enable_liger_kernel: true`` (liger's loss and its layer kernels, eager). The only addition to the
-   run is a callback that times each step
-   (synchronised), counts its tokens (``include_num_input_tokens_seen``) and reads the peak allocated memory.
+   ``BADAM_KERNELS_FAST=1`` (all of it, the budget the GPU's free memory); ``ours_compiled`` with the compile
+   only; ``ours_liger`` and ``official_liger`` with ``enable_liger_kernel: true`` (liger's loss and its layer
+   kernels, eager). The only addition to the run is a callback that times each step (synchronised), counts its tokens (``include_num_input_tokens_seen``) and reads the peak allocated memory.
 
 Reports, per method: tokens/s over the block epoch (warmup steps excluded; steps taking over 5x the median,
 torch.compile's first passes, reported apart as ``slow_steps_s``), peak memory, the loss of the last step and

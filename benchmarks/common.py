@@ -80,10 +80,15 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
+def card_name(device_name: str) -> str:
+    """The card in a device name: "NVIDIA H100 80GB HBM3" -> "H100"."""
+    return device_name.replace("NVIDIA ", "").split()[0]
+
+
 def result_path(stem: str, suffix: str, device: dict = None) -> Path:
     """benchmarks/results/<stem>_<device>_<date>.<suffix>; ``device``: the record of the machine the numbers
     come from, where that is not this one (a report written here of runs made on the GPU machine)."""
-    name = (device or device_record())["name"].replace("NVIDIA ", "").split()[0].lower()
+    name = card_name((device or device_record())["name"]).lower()
     date = _dt.date.today().isoformat()
     RESULTS.mkdir(parents=True, exist_ok=True)
     return RESULTS / f"{stem}_{name}_{date}.{suffix}"
@@ -100,8 +105,7 @@ def runs_device(runs: list) -> dict | None:
     counts = collections.Counter(d["name"] for d in records)
     if len(counts) == 1:
         return records[0]
-    names = [name for name, _ in counts.most_common()]
-    short = "+".join(name.replace("NVIDIA ", "").split()[0] for name in names)
+    short = "+".join(card_name(name) for name, _ in counts.most_common())
     return dict(records[0], name=f"NVIDIA {short}", runs_per_device=dict(counts.most_common()))
 
 

@@ -529,11 +529,12 @@ def speed(a, t_start: float) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         seconds, tokens = r["step_s"][SPEED_WARMUP:], r["step_tokens"][SPEED_WARMUP:]
+        tokens_per_s = sum(tokens) / sum(seconds)
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_result(out, dict(method=method, lr=lr, steps=len(seconds), tokens_per_s=sum(tokens) / sum(seconds),
+        write_result(out, dict(method=method, lr=lr, steps=len(seconds), tokens_per_s=tokens_per_s,
                                median_step_s=statistics.median(seconds), peak_mem_mib=r["peak_mem_mib"],
                                device=device_record()))
-        print(f"{method}: {sum(tokens) / sum(seconds):,.0f} tokens/s alone", flush=True)
+        print(f"{method}: {tokens_per_s:,.0f} tokens/s alone", flush=True)
     return 0
 
 
