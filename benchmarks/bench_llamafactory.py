@@ -33,7 +33,8 @@ What it does:
    function keeps every frozen layer's, whatever the memory); ``ours_fast_all`` with
    ``BADAM_KERNELS_FAST=1`` (all of it, the budget the GPU's free memory); ``ours_compiled`` with the compile
    only; ``ours_liger`` and ``official_liger`` with ``enable_liger_kernel: true`` (liger's loss and its layer
-   kernels, eager). The only addition to the run is a callback that times each step (synchronised), counts its tokens (``include_num_input_tokens_seen``) and reads the peak allocated memory.
+   kernels, eager). The only addition to the run is a callback that times each step (synchronised), counts
+   its tokens (``include_num_input_tokens_seen``) and reads the peak allocated memory.
 
 Reports, per method: tokens/s over the block epoch (warmup steps excluded; steps taking over 5x the median,
 torch.compile's first passes, reported apart as ``slow_steps_s``), peak memory, the loss of the last step and
