@@ -49,6 +49,9 @@ def test_finetune_rg_schedules_the_steps_out_then_the_seeds(tmp_path, monkeypatc
         _result(results, "lora", lr, 0, exact)
     assert finetune_rg.jobs(a, "sweep")[-1:] == [("adamw", 3e-4, 0)]
     assert finetune_rg.jobs(a, "seeds") == [("lora", 3e-4, 1), ("lora", 3e-4, 2)]  # adamw's sweep is not done
+    # both: adamw's step out, and meanwhile lora's seeds (a worker need not wait for adamw's sweep)
+    not_done = [j for j in finetune_rg.jobs(a, "both") if not (results / f"{finetune_rg.run_name(*j)}.json").is_file()]
+    assert not_done == [("adamw", 3e-4, 0), ("lora", 3e-4, 1), ("lora", 3e-4, 2)]
     _result(results, "adamw", 3e-4, 0, 0.25)  # the step up is worse: adamw's sweep is done at 1e-4
     assert finetune_rg.jobs(a, "seeds") == [("adamw", 1e-4, 1), ("lora", 3e-4, 1), ("adamw", 1e-4, 2), ("lora", 3e-4, 2)]
 

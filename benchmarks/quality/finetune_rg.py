@@ -487,11 +487,14 @@ def choose(a, results, methods, grid):
 
 
 def jobs(a, stage):
+    """The runs of ``stage``: ``sweep`` (seed 0 at each lr of ``method_lrs``), ``seeds`` (seeds 1.. at the lr
+    ``choose`` picked), or ``both``: the sweep's runs, then the seeds of every method whose sweep is done, so
+    that no worker waits for another method's sweep."""
     grid, results = lr_grid(LR_GRID, a.lr), load_results()
-    if stage == "sweep":
-        return [(m, lr, 0) for m, lr in sweep_jobs(grid, a.methods, lambda m: method_lrs(a, m, results, grid))]
+    sweep = [(m, lr, 0) for m, lr in sweep_jobs(grid, a.methods, lambda m: method_lrs(a, m, results, grid))]
     chosen = choose(a, results, a.methods, grid)
-    return [(m, chosen[m], s) for s in range(1, a.seeds) for m in a.methods if m in chosen]
+    seeds = [(m, chosen[m], s) for s in range(1, a.seeds) for m in a.methods if m in chosen]
+    return {"sweep": sweep, "seeds": seeds, "both": sweep + seeds}[stage]
 
 
 def run_stage(a, stage):
@@ -757,10 +760,9 @@ def main(argv=None):
     if a.step in ("run", "all"):
         baseline(a)
         t_start = time.time()
-        for stage in (["sweep", "seeds"] if a.stage == "both" else [a.stage]):
-            rc = run_stage(a, stage)
-            if rc:
-                return rc
+        rc = run_stage(a, a.stage)
+        if rc:
+            return rc
         if a.workers > 1 and a.stage != "sweep":  # the runs shared the device: time each method alone
             rc = speed(a, t_start)
             if rc:
