@@ -676,7 +676,7 @@ def plot(path, payload):
     import matplotlib.pyplot as plt
 
     rows = {m: r for m, r in payload["methods"].items() if r["status"] == "ok"}
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, (a, b, c, d) = plt.subplots(1, 4, figsize=(22, 4.8))
     for i, (m, r) in enumerate(rows.items()):
         curve = r["curves"][str(min(r["seeds"]))]
         ls, w = curve["losses"], 20
@@ -696,6 +696,14 @@ def plot(path, payload):
         c.annotate(m, (r["peak_mem_mib"] / 1024, mean), fontsize=8, xytext=(4, 4), textcoords="offset points")
     c.set_xlabel("peak GPU memory (GiB, allocated)")
     c.set_ylabel("held-out exact accuracy (mean over tasks; +- std over seeds)")
+    for i, (m, r) in enumerate(rows.items()):  # the run's tokens at the method's tokens/s alone on the device
+        if r["alone"]["tokens_per_s"]:
+            mean, std = r["test_exact_mean"]
+            seconds = r["tokens"] / r["alone"]["tokens_per_s"]
+            d.errorbar(seconds, mean, yerr=std, fmt="o", color=f"C{i}", capsize=3)
+            d.annotate(m, (seconds, mean), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    d.set_xlabel("GPU time of a run alone (s: its tokens at the method's tokens/s alone)")
+    d.set_ylabel("held-out exact accuracy")
     fig.suptitle("SmolLM2-135M-Instruct on reasoning-gym: " + ", ".join(TASKS))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
