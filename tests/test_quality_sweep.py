@@ -40,7 +40,8 @@ def test_finetune_rg_schedules_the_steps_out_then_the_seeds(tmp_path, monkeypatc
     results = tmp_path / "finetune" / "results"
     results.mkdir(parents=True)
     monkeypatch.setattr(finetune_rg, "WORK", tmp_path / "finetune")
-    a = Namespace(lr=["adamw=1e-5,3e-5,1e-4", "lora=1e-4,3e-4,1e-3"], methods=["adamw", "lora"], extend=2, seeds=3)
+    a = Namespace(lr=["adamw=1e-5,3e-5,1e-4", "lora=1e-4,3e-4,1e-3"], methods=["adamw", "lora"], extend=2, seeds=3,
+                  results=results)
     assert [j for j in finetune_rg.jobs(a, "sweep")] == [  # middle lrs first, no step out before a grid is done
         ("adamw", 3e-5, 0), ("lora", 3e-4, 0), ("adamw", 1e-5, 0), ("lora", 1e-4, 0), ("adamw", 1e-4, 0), ("lora", 1e-3, 0)]
     for lr, exact in ((1e-5, 0.1), (3e-5, 0.2), (1e-4, 0.3)):  # adamw: best at the top edge
@@ -54,6 +55,14 @@ def test_finetune_rg_schedules_the_steps_out_then_the_seeds(tmp_path, monkeypatc
     assert not_done == [("adamw", 3e-4, 0), ("lora", 3e-4, 1), ("lora", 3e-4, 2)]
     _result(results, "adamw", 3e-4, 0, 0.25)  # the step up is worse: adamw's sweep is done at 1e-4
     assert finetune_rg.jobs(a, "seeds") == [("adamw", 1e-4, 1), ("lora", 3e-4, 1), ("adamw", 1e-4, 2), ("lora", 3e-4, 2)]
+    # a study of another length does not build on these runs: its own folder, its own sweep from the start
+    longer = Namespace(**{**vars(a), "quick": False, "steps": 3 * finetune_rg.DEFAULT_STEPS})
+    longer.results = finetune_rg.results_folder(longer)
+    assert longer.results == tmp_path / "finetune" / f"results_{3 * finetune_rg.DEFAULT_STEPS}steps"
+    assert finetune_rg.jobs(longer, "both")[:2] == [("adamw", 3e-5, 0), ("lora", 3e-4, 0)]
+    assert finetune_rg.jobs(longer, "seeds") == []
+    default = Namespace(**{**vars(longer), "steps": finetune_rg.DEFAULT_STEPS})
+    assert finetune_rg.results_folder(default) == results
 
 
 def test_failed_runs_count_as_done_and_rank_last(tmp_path, monkeypatch):
@@ -62,7 +71,8 @@ def test_failed_runs_count_as_done_and_rank_last(tmp_path, monkeypatch):
     results = tmp_path / "finetune" / "results"
     results.mkdir(parents=True)
     monkeypatch.setattr(finetune_rg, "WORK", tmp_path / "finetune")
-    a = Namespace(lr=["adamw=1e-5,3e-5,1e-4", "lora=1e-4,3e-4,1e-3"], methods=["adamw", "lora"], extend=2, seeds=2)
+    a = Namespace(lr=["adamw=1e-5,3e-5,1e-4", "lora=1e-4,3e-4,1e-3"], methods=["adamw", "lora"], extend=2, seeds=2,
+                  results=results)
     _result(results, "adamw", 1e-5, 0, 0, status="error")  # the bottom edge failed: it is not "best"
     _result(results, "adamw", 3e-5, 0, 0.2)
     _result(results, "adamw", 1e-4, 0, 0.1)

