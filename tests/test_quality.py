@@ -27,10 +27,11 @@ def test_finetune_rg_quick_runs_every_method_and_reports(tmp_path):
     methods = payload["methods"]
     # AdaLomo allocates its states with .cuda(): on a CPU it is an error, recorded as such
     assert methods["adalomo"]["status"] in ("ok", "error")
-    for name in ("badam", "badam_offload", "badam_official", "adamw", "lora", "galore", "apollo", "badam_time"):
+    for name in ("badam", "badam_offload", "badam_official", "adamw", "lora", "galore", "apollo", "badam_time",
+                 "badam_k15", "hift"):
         row = methods[name]
         assert row["status"] == "ok", (name, row)
-        steps = round(payload["config"]["steps"] * payload["config"]["longer"].get(name, 1))
+        steps = round(payload["config"]["steps"] * payload["config"]["badam_variants"].get(name, {}).get("steps_factor", 1))
         assert row["seeds"] == [0, 1] and row["steps"] == len(row["curves"]["0"]["losses"]) == steps
         assert 0.0 <= row["test_exact_mean"][0] <= 1.0 and row["peak_mem_mib"] > 0 and row["concurrent_runs"] == 2
         # the runs shared the device: tokens/s comes from the speed pass after the seeds, each method alone
@@ -44,6 +45,11 @@ def test_finetune_rg_quick_runs_every_method_and_reports(tmp_path):
     assert [step for step, _ in ours] == [step for step, _ in theirs] == [2, 4]
     assert max(abs(a - b) for (_, a), (_, b) in zip(ours, theirs)) < 1e-4
     assert methods["badam"]["info"]["command"].startswith("badam-finetune ")
+    # each BAdam variant's own options reach the job's command line
+    for name, options in (("badam_offload", "--switch-every 1 --switch-mode descending --state-policy offload"),
+                          ("badam_k15", "--switch-every 15 --switch-mode descending --state-policy reset"),
+                          ("hift", "--switch-every 1 --switch-mode descending --state-policy offload")):
+        assert options in methods[name]["info"]["command"], (name, methods[name]["info"]["command"])
     # badam_time: 7/3 the steps (AdamW's time), its validation loss as often as the others' (every 2 steps)
     assert [step for step, _ in methods["badam_time"]["curves"]["0"]["val_loss"]] == [2, 4, 6, 8, 9]
     assert methods["badam_time"]["tokens"] > 2 * methods["badam"]["tokens"]

