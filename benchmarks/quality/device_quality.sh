@@ -16,9 +16,9 @@
 # against tokens.sha256 and names the one that is missing. With C=benchmarks/quality/work/pretrain/corpus:
 #   run(command="STEP=pretrain_part bash benchmarks/quality/device_quality.sh", carry=[".whl", ".snap", "$C/tokens_train.00.u16.xz"])
 #   run(command="STEP=pretrain_part bash benchmarks/quality/device_quality.sh", carry=["$C/tokens_train.01.u16.xz"])   # at once
-#   run(command="STEP=pretrain SIZE=60m PT_BUDGET=420 bash benchmarks/quality/device_quality.sh",
+#   run(command="STEP=pretrain SIZE=60m PT_BUDGET=300 bash benchmarks/quality/device_quality.sh",
 #       carry=[".snap", "$C/tokens_train.02.u16.xz", "$C/tokens_val.00.u16.xz", "$C/tokens.sha256", "$C/manifest.json"])
-#   run(command="STEP=pretrain SIZE=60m PT_BUDGET=420 bash benchmarks/quality/device_quality.sh", carry=[".snap"])  # again, until done
+#   run(command="STEP=pretrain SIZE=60m PT_BUDGET=300 bash benchmarks/quality/device_quality.sh", carry=[".snap"])  # again, until done
 # (one pretrain_part call a part but the last, which comes with the pretrain step; tokens.sha256 lists the parts.)
 # Results: $OUT/quality_work.tar (the per-run JSON files), $OUT/log.txt; unpack the tar here into
 # benchmarks/quality/work/ and run `finetune_rg.py report` (and `score`, where reasoning-gym is installed).
