@@ -54,6 +54,13 @@ def test_finetune_rg_quick_runs_every_method_and_reports(tmp_path):
     assert [step for step, _ in methods["badam_time"]["curves"]["0"]["val_loss"]] == [2, 4, 6, 8, 9]
     assert methods["badam_time"]["tokens"] > 2 * methods["badam"]["tokens"]
     assert payload["command"].startswith("benchmarks/quality/finetune_rg.py") and payload["versions_where_reported"]["reasoning-gym"] and payload["run_device"]["torch"]
+    # the README's tables come from the JSON: a row for every method, one for every lr of the sweep
+    sys.path[:0] = [str(BENCHMARKS / "quality"), str(BENCHMARKS)]
+    import finetune_rg
+
+    tables = finetune_rg.markdown(payload)
+    assert tables.count("| badam_k15 | ") == 2 and tables.count("| adalomo | ") >= 1
+    assert f"| badam | {methods['badam']['lr']:g} | 2 | {methods['badam']['test_exact_mean'][0]:.3f} +- " in tables
     counts = payload["config"]["counts"]
     assert set(counts["test"]) == {"chain_sum", "basic_arithmetic", "letter_counting"}
 

@@ -630,7 +630,8 @@ def report(a, commands):
         mine = [r for r in results if r["method"] == m]
         bad = [r for r in mine if r["status"] != "ok"]
         sweep[m] = [dict(lr=r["lr"], val_exact=r["val"]["exact_mean"], val_score=r["val"]["score_mean"],
-                         val_loss=r["val_loss_curve"][-1][1], train_loss_last10=statistics.mean(r["losses"][-10:]))
+                         val_loss=r["val_loss_curve"][-1][1], train_loss_last10=statistics.mean(r["losses"][-10:]),
+                         test_exact=r["test"]["exact_mean"], device=r.get("device", {}).get("name"))
                     for r in sorted(mine, key=lambda r: r["lr"]) if r["status"] == "ok" and r["seed"] == 0]
         done = [r for r in mine if r["status"] == "ok" and r["seed"] == 0]
         lrs = method_lrs(a, m, results, grid)
@@ -683,7 +684,37 @@ def report(a, commands):
                   + f"; lr from {row['lr_chosen_on']}")
         else:
             print(f"  {m:15s} {row['status']} {row.get('reason') or ''}")
+    print("\n" + markdown(payload))
     return path
+
+
+def markdown(payload) -> str:
+    """The report's two tables as Markdown, for the READMEs (so that their figures are the JSON's): each method
+    at its chosen lr over the seeds, then every lr of the sweep at seed 0."""
+    def pm(pair, digits=3):
+        return f"{pair[0]:.{digits}f} +- {pair[1]:.{digits}f}"
+
+    def row(cells):
+        return "| " + " | ".join(cells) + " |"
+
+    header = ["method", "lr", "seeds", "held-out exact", *TASKS, "val loss", "peak", "tokens/s alone"]
+    lines = [row(header), row(["---"] * len(header))]
+    for m, r in payload["methods"].items():
+        if r["status"] != "ok":
+            lines.append(row([m, "", "", r["status"]] + [""] * (len(header) - 4)))
+            continue
+        alone = r["alone"]["tokens_per_s"]
+        lines.append(row([m, f"{r['lr']:g}", str(len(r["seeds"])), pm(r["test_exact_mean"]),
+                          *(f"{r[f'test_exact_{t}'][0]:.3f}" for t in TASKS), pm(r["val_loss"]),
+                          f"{r['peak_mem_mib'] / 1024:.2f} GiB", f"{alone:,.0f}" if alone else "not measured"]))
+    header = ["method", "lr (seed 0)", "val exact", "held-out exact", "val loss", "card"]
+    lines += ["", row(header), row(["---"] * len(header))]
+    for m, runs in payload["sweep"].items():
+        for r in runs:
+            lr = f"**{r['lr']:g}**" if payload["chosen_lr"].get(m) == r["lr"] else f"{r['lr']:g}"
+            lines.append(row([m, lr, f"{r['val_exact']:.3f}", f"{r['test_exact']:.3f}", f"{r['val_loss']:.3f}",
+                              r["device"] or ""]))
+    return "\n".join(lines)
 
 
 def _version(dist):
