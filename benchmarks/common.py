@@ -109,6 +109,14 @@ def runs_device(runs: list) -> dict | None:
     return dict(records[0], name=f"NVIDIA {short}", runs_per_device=dict(counts.most_common()))
 
 
+def markdown_table(header: list, rows: list) -> str:
+    """A Markdown table (what a study's report prints for the READMEs, so that their figures are the JSON's)."""
+    def line(cells):
+        return "| " + " | ".join(str(c) for c in cells) + " |"
+
+    return "\n".join([line(header), line(["---"] * len(header)), *map(line, rows)])
+
+
 def write_json(stem: str, payload: dict, device: dict = None) -> Path:
     """The payload with the device record (``device``, else this machine's), the date and the command line."""
     path = result_path(stem, "json", device)

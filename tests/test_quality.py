@@ -79,6 +79,13 @@ def test_pretrain_llama_quick_runs_every_method_and_reports(tmp_path):
     parts = payload["corpus"]["token_files"]["train"]
     assert len(parts) > 1 and sum(p["tokens"] for p in parts) == payload["corpus"]["tokens"]["train"]
     assert all(len(p["sha256"]) == 64 for p in parts)
+    # the README's table comes from the JSON, a row a method
+    sys.path[:0] = [str(BENCHMARKS / "quality"), str(BENCHMARKS)]
+    import pretrain_llama
+
+    table = pretrain_llama.markdown(payload)
+    adamw = payload["methods"]["adamw"]
+    assert f"| adamw | {adamw['lr']:g} | {adamw['val_ppl']:.2f} | " in table and len(table.splitlines()) == 2 + 7
 
 
 def test_the_registry_builds_every_peer_on_a_tiny_llama():

@@ -62,8 +62,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
-from common import (command_line, device_record, lr_grid, result_path, run_jobs, runs_device,  # noqa: E402
-                    study_device, sweep_jobs, sweep_lrs, write_json, write_result)
+from common import (command_line, device_record, lr_grid, markdown_table, result_path, run_jobs,  # noqa: E402
+                    runs_device, study_device, sweep_jobs, sweep_lrs, write_json, write_result)
 
 try:  # the main job's data module (badam_kernels.finetune.data since the layout change; before: .data)
     from badam_kernels.finetune import data as job_data
@@ -689,32 +689,26 @@ def report(a, commands):
 
 
 def markdown(payload) -> str:
-    """The report's two tables as Markdown, for the READMEs (so that their figures are the JSON's): each method
-    at its chosen lr over the seeds, then every lr of the sweep at seed 0."""
-    def pm(pair, digits=3):
-        return f"{pair[0]:.{digits}f} +- {pair[1]:.{digits}f}"
-
-    def row(cells):
-        return "| " + " | ".join(cells) + " |"
+    """The report's two tables as Markdown, for the READMEs: each method at its chosen lr over the seeds, then
+    every lr of the sweep at seed 0 with the card it ran on."""
+    def pm(pair):
+        return f"{pair[0]:.3f} +- {pair[1]:.3f}"
 
     header = ["method", "lr", "seeds", "held-out exact", *TASKS, "val loss", "peak", "tokens/s alone"]
-    lines = [row(header), row(["---"] * len(header))]
+    rows = []
     for m, r in payload["methods"].items():
         if r["status"] != "ok":
-            lines.append(row([m, "", "", r["status"]] + [""] * (len(header) - 4)))
+            rows.append([m, "", "", r["status"]] + [""] * (len(header) - 4))
             continue
         alone = r["alone"]["tokens_per_s"]
-        lines.append(row([m, f"{r['lr']:g}", str(len(r["seeds"])), pm(r["test_exact_mean"]),
-                          *(f"{r[f'test_exact_{t}'][0]:.3f}" for t in TASKS), pm(r["val_loss"]),
-                          f"{r['peak_mem_mib'] / 1024:.2f} GiB", f"{alone:,.0f}" if alone else "not measured"]))
-    header = ["method", "lr (seed 0)", "val exact", "held-out exact", "val loss", "card"]
-    lines += ["", row(header), row(["---"] * len(header))]
-    for m, runs in payload["sweep"].items():
-        for r in runs:
-            lr = f"**{r['lr']:g}**" if payload["chosen_lr"].get(m) == r["lr"] else f"{r['lr']:g}"
-            lines.append(row([m, lr, f"{r['val_exact']:.3f}", f"{r['test_exact']:.3f}", f"{r['val_loss']:.3f}",
-                              r["device"] or ""]))
-    return "\n".join(lines)
+        rows.append([m, f"{r['lr']:g}", len(r["seeds"]), pm(r["test_exact_mean"]),
+                     *(f"{r[f'test_exact_{t}'][0]:.3f}" for t in TASKS), pm(r["val_loss"]),
+                     f"{r['peak_mem_mib'] / 1024:.2f} GiB", f"{alone:,.0f}" if alone else "not measured"])
+    sweep = [[m, f"**{r['lr']:g}**" if payload["chosen_lr"].get(m) == r["lr"] else f"{r['lr']:g}",
+              f"{r['val_exact']:.3f}", f"{r['test_exact']:.3f}", f"{r['val_loss']:.3f}", r["device"] or ""]
+             for m, runs in payload["sweep"].items() for r in runs]
+    return (markdown_table(header, rows) + "\n\n"
+            + markdown_table(["method", "lr (seed 0)", "val exact", "held-out exact", "val loss", "card"], sweep))
 
 
 def _version(dist):

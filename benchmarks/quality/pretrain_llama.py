@@ -61,8 +61,8 @@ sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402  (the offline corpus: sources, readers, filters)
-from common import (LLAMA_SHAPES, command_line, device_record, lr_grid, result_path, run_jobs,  # noqa: E402
-                    runs_device, study_device, sweep_jobs, sweep_lrs, write_json, write_result)
+from common import (LLAMA_SHAPES, command_line, device_record, lr_grid, markdown_table, result_path,  # noqa: E402
+                    run_jobs, runs_device, study_device, sweep_jobs, sweep_lrs, write_json, write_result)
 
 WORK = Path(os.environ.get("QUALITY_WORK", HERE / "work")) / "pretrain"
 
@@ -419,7 +419,22 @@ def report(a, commands):
             print(f"  {m:14s} lr {row['lr']:<7g} val ppl {row['val_ppl']:8.2f}  peak {row['peak_mem_mib'] or 0:7.0f} MiB {speed}")
         else:
             print(f"  {m:14s} {row['status']} {row.get('reason') or ''}")
+    print("\n" + markdown(payload))
     return path
+
+
+def markdown(payload) -> str:
+    """The report's table as Markdown, for the README: each method at its best lr, and its sweep."""
+    rows = []
+    for m, r in payload["methods"].items():
+        if r["status"] != "ok":
+            rows.append([m, "", r["status"], "", "", "", ""])
+            continue
+        swept = ", ".join(f"{x['lr']:g}: {x['val_ppl']:.2f}" for x in payload["sweep"][m])
+        rows.append([m, f"{r['lr']:g}", f"{r['val_ppl']:.2f}", f"{(r['peak_mem_mib'] or 0) / 1024:.2f} GiB",
+                     f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "not measured", swept, r["device"] or ""])
+    return markdown_table(["method", "lr", "val perplexity", "peak", "tokens/s alone", "sweep (lr: perplexity)",
+                           "card"], rows)
 
 
 def plot(path, payload):
