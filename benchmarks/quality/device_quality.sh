@@ -8,7 +8,8 @@
 # together there and checked against its sha256. Data are made here first
 # (finetune_rg.py data) and carried with the working tree: carry [".whl", ".gguf", "benchmarks/quality/work/finetune/data"].
 #   run(command="STEP=part1 bash benchmarks/quality/device_quality.sh", carry=[...])
-#   run(command="STEP=finetune BUDGET=330 bash benchmarks/quality/device_quality.sh", carry=[...])
+#   run(command="STEP=finetune BUDGET=360 FT_ARGS='--workers 8' bash benchmarks/quality/device_quality.sh", carry=[...], timeout_s=590)
+# (BUDGET: when the last run may start; leave a run's wall time before the call's limit: benchmarks/quality/README.md)
 # The pretraining study's tokens (pretrain_llama.py tokenize: tokens_train.00.u16.xz, .01, ... of at most 40M
 # tokens, about 30 MiB each, plus tokens_val.00.u16.xz, tokens.sha256 and manifest.json) are more than one call
 # carries too: each part travels in its own call and waits in /tmp/pretrain_parts, which outlives the call
