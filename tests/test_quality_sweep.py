@@ -65,6 +65,27 @@ def test_finetune_rg_schedules_the_steps_out_then_the_seeds(tmp_path, monkeypatc
     assert finetune_rg.results_folder(default) == results
 
 
+def test_plan_prices_the_runs_left_by_each_methods_speed_alone(tmp_path, monkeypatch, capsys):
+    import finetune_rg
+
+    results = tmp_path / "finetune" / "results"
+    (results / "speed").mkdir(parents=True)
+    monkeypatch.setattr(finetune_rg, "WORK", tmp_path / "finetune")
+    a = Namespace(lr=["adamw=1e-5,3e-5,1e-4", "badam_time=1e-4,3e-4,1e-3"], methods=["adamw", "badam_time"], extend=0,
+                  seeds=2, stage="both", steps=100, evals=2, switch_every=5, results=results)
+    for lr, exact in ((1e-5, 0.1), (3e-5, 0.3), (1e-4, 0.2)):
+        _result(results, "adamw", lr, 0, exact)
+        path = results / f"adamw_lr{lr:g}_s0.json"
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), tokens=1000, steps=100)))  # 10 tokens a step
+    (results / "speed" / "adamw.json").write_text(json.dumps(dict(tokens_per_s=50.0)))
+    (results / "speed" / "badam.json").write_text(json.dumps(dict(tokens_per_s=200.0)))
+    # left: adamw's seed 1 (100 steps at 50 tokens/s: 20 s) and badam_time's three lrs at BAdam's speed
+    # (7/3 of 100 steps: 233 steps of 10 tokens at 200 tokens/s, 11.65 s each)
+    assert finetune_rg.plan(a) == pytest.approx(20 + 3 * 233 * 10 / 200)
+    out = capsys.readouterr().out
+    assert "adamw_lr3e-05_s1: 100 steps, training about 20 s alone" in out and "(at badam's speed)" in out
+
+
 def test_failed_runs_count_as_done_and_rank_last(tmp_path, monkeypatch):
     import finetune_rg
 

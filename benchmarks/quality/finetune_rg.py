@@ -537,10 +537,37 @@ def run_stage(a, stage):
     """The stage's runs not done yet, ``--workers`` at a time: a 135M model's steps are bound by host work,
     so one run leaves the GPU mostly idle; side by side, each run's peak memory stays its own process', and
     its wall time is marked with ``concurrent_runs``."""
-    def pending():
-        return [j for j in jobs(a, stage) if not (a.results / f"{run_name(*j)}.json").is_file()]
+    return run_jobs(functools.partial(pending_jobs, a, stage), functools.partial(run_job, a, WORK), a.workers,
+                    a.budget_s, stage)
 
-    return run_jobs(pending, functools.partial(run_job, a, WORK), a.workers, a.budget_s, stage)
+
+def pending_jobs(a, stage) -> list:
+    """The runs of ``stage`` (``jobs``) not made yet."""
+    return [j for j in jobs(a, stage) if not (a.results / f"{run_name(*j)}.json").is_file()]
+
+
+def plan(a) -> float:
+    """Print the runs still to make, each with its device time alone where its method's speed pass is known
+    (its tokens at that tokens/s), and return the total of the known ones: to size the GPU calls. A step out of
+    a grid that depends on runs not made yet is not listed: plan again after them."""
+    first = argparse.Namespace(**{**vars(a), "results": WORK / "results"})  # a new length: the first study's runs
+    done = [r for r in load_results(a) + load_results(first) if r.get("status") == "ok"]
+    per_step = done[0]["tokens"] / done[0]["steps"] if done else None  # the same batches for every method
+    total = 0.0
+    for method, lr, seed in pending_jobs(a, a.stage):
+        steps = for_method(a, method).steps
+        # a BAdam variant not yet timed: BAdam's speed, a step of the same job
+        timed = method if speed_file(method).is_file() or method not in BADAM_VARIANTS else "badam"
+        speed = json.loads(speed_file(timed).read_text())["tokens_per_s"] if speed_file(timed).is_file() else None
+        if per_step and speed:
+            seconds = per_step * steps / speed
+            total += seconds
+            print(f"  {run_name(method, lr, seed)}: {steps} steps, training about {seconds:.0f} s alone"
+                  + ("" if timed == method else f" (at {timed}'s speed)"))
+        else:
+            print(f"  {run_name(method, lr, seed)}: {steps} steps, its speed not yet measured")
+    print(f"known: about {total:.0f} s of device time alone (runs side by side take less in all)")
+    return total
 
 
 def speed(a, t_start: float) -> int:
@@ -786,7 +813,8 @@ def baseline(a):
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("step", nargs="?", choices=["data", "model", "run", "score", "report", "all"], default="all")
+    p.add_argument("step", nargs="?", choices=["data", "model", "run", "score", "report", "plan", "all"], default="all",
+                   help="plan: the runs still to make and their device time alone, where known")
     p.add_argument("--quick", action="store_true", help="tiny model and data, 4 steps per method, on the CPU (CI)")
     p.add_argument("--stage", choices=["sweep", "seeds", "both"], default="both")
     p.add_argument("--budget-s", type=float, default=0, help="start no new run after this many seconds (0: no limit)")
@@ -853,6 +881,8 @@ def main(argv=None):
             rc = speed(a, t_start)
             if rc:
                 return rc
+    if a.step == "plan":
+        plan(a)
     if a.step == "score":
         rescore(a)
     if a.step in ("report", "all"):
