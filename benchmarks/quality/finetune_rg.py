@@ -341,13 +341,13 @@ def peak_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def badam_args(a, lr, seed, policy, run_dir):
+def badam_args(a, lr, seed, run_dir):
     """The badam-finetune command line of a run: the validation loss by the job's own ``--eval-data``."""
     every = eval_points(a)[0]
     return ["--model", str(WORK / "model"), "--data", str(WORK / "data" / "train.jsonl"), "--steps", str(a.steps),
             "--batch-size", str(a.batch), "--seq-len", str(a.seq_len), "--lr", f"{lr:g}", "--warmup-steps", str(a.warmup),
             "--max-grad-norm", "1.0", "--switch-every", str(a.switch_every), "--switch-mode", "descending",
-            "--state-policy", policy, "--seed", str(seed), "--dtype", a.dtype, "--device", a.device_type,
+            "--state-policy", a.state_policy, "--seed", str(seed), "--dtype", a.dtype, "--device", a.device_type,
             "--eval-data", str(WORK / "data" / "val.jsonl"), "--eval-every", str(every),
             "--out", str(run_dir), "--log-every", "1000000", "--no-progress"]
 
@@ -369,11 +369,10 @@ def train_badam(a, method, lr, seed, device, val_rows, name=None):
     two agree), and the model comes back from its checkpoint for the generations."""
     import shutil
 
-    policy = a.state_policy  # for_method's
     run_dir = WORK / "runs" / (name or run_name(method, lr, seed))
     shutil.rmtree(run_dir, ignore_errors=True)  # a run cut short leaves a partial folder: start it again
     a.device_type = device.type
-    command = badam_finetune(badam_args(a, lr, seed, policy, run_dir))
+    command = badam_finetune(badam_args(a, lr, seed, run_dir))
     summary = json.loads((run_dir / "summary.json").read_text())
     records = read_jsonl(run_dir / "metrics.jsonl")
     curve = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
@@ -557,10 +556,10 @@ def plan(a) -> float:
     for method, lr, seed in pending_jobs(a, a.stage):
         steps = for_method(a, method).steps
         # a BAdam variant not yet timed: BAdam's speed, a step of the same job
-        timed = method if speed_file(method).is_file() or method not in BADAM_VARIANTS else "badam"
-        speed = json.loads(speed_file(timed).read_text())["tokens_per_s"] if speed_file(timed).is_file() else None
-        if per_step and speed:
-            seconds = per_step * steps / speed
+        timed = "badam" if speed_record(method) is None and method in BADAM_VARIANTS else method
+        solo = speed_record(timed)
+        if per_step and solo:
+            seconds = per_step * steps / solo["tokens_per_s"]
             total += seconds
             print(f"  {run_name(method, lr, seed)}: {steps} steps, training about {seconds:.0f} s alone"
                   + ("" if timed == method else f" (at {timed}'s speed)"))
@@ -577,8 +576,6 @@ def speed(a, t_start: float) -> int:
     device, results = study_device(a.device), load_results(a)
     val_rows = read_jsonl(WORK / "data" / "val.jsonl")
     for method in a.methods:
-        solo = argparse.Namespace(**{**vars(for_method(a, method)), "steps": SPEED_WARMUP + a.speed_steps, "evals": 1,
-                                     "workers": 1})
         out = speed_file(method)
         done = [r for r in results if r["method"] == method and r["status"] == "ok" and r["seed"] == 0]
         if out.is_file() or not done:
@@ -586,6 +583,8 @@ def speed(a, t_start: float) -> int:
         if a.budget_s and time.time() - t_start > a.budget_s:
             print("budget spent before the speed pass; run again to go on")
             return 3
+        solo = argparse.Namespace(**{**vars(for_method(a, method)), "steps": SPEED_WARMUP + a.speed_steps, "evals": 1,
+                                     "workers": 1})
         lr = max(done, key=rank)["lr"]
         if method in THROUGH_THE_JOB:
             model, _, r = train_badam(solo, method, lr, 0, device, val_rows, name=f"speed_{method}")
@@ -634,15 +633,20 @@ def speed_file(method) -> Path:
     return WORK / "results" / "speed" / f"{method}.json"
 
 
+def speed_record(method):
+    """A method's speed pass (``speed_file``) as written, or None where it has not run."""
+    path = speed_file(method)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def solo_speed(method, concurrent_runs, runs_tokens_per_s) -> dict:
     """Tokens/s of a method on the device alone: its runs' own where they ran alone, else the speed pass's."""
     if concurrent_runs == 1:
         return dict(tokens_per_s=runs_tokens_per_s, source="its runs (alone on the device)")
-    path = speed_file(method)
-    if not path.is_file():
+    solo = speed_record(method)
+    if solo is None:
         return dict(tokens_per_s=None, source=f"not yet measured alone (its runs shared the device, {concurrent_runs} "
                                               "at a time; the speed pass follows the seeds)")
-    solo = json.loads(path.read_text())
     return dict(solo, source=f"the speed pass ({solo['steps']} steps alone at lr {solo['lr']:g}, "
                              f"{solo['device']['name']})")
 
