@@ -18,10 +18,11 @@ built here (its package is not installed) without raising, so a study can record
 Peers and their packages (PyPI): ``badam`` 1.4 (official BAdam), ``peft`` (LoRA),
 ``galore-torch`` 1.0 (GaLore), ``lomo-optim`` 0.1.1 (LOMO, AdaLomo), ``apollo-torch`` 1.0.3
 (APOLLO, APOLLO-Mini), ``fira`` 1.0.2 (Fira). The last three import ``bitsandbytes`` for 8-bit
-variants that are not used here; :func:`stub_bitsandbytes` stands in where it is not installed.
+variants that are not used here; :func:`import_peer` stubs it, while they import, where it is not installed.
 """
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 from dataclasses import dataclass, field
@@ -77,16 +78,32 @@ class Method:
             self.hooks = None
 
 
-def stub_bitsandbytes():
-    """galore_torch, apollo_torch and fira import bitsandbytes at package import for their 8-bit
-    variants, which are not used here; a stub module stands in where bitsandbytes is not installed."""
+_BNB_STUBS = ("bitsandbytes", "bitsandbytes.optim", "bitsandbytes.optim.optimizer", "bitsandbytes.functional")
+
+
+def import_peer(module: str):
+    """``module``, imported. galore_torch, apollo_torch and fira import bitsandbytes at package import for
+    their 8-bit variants, which are not used here: where bitsandbytes does not import, stub modules stand in
+    during that import only. A stub left in ``sys.modules`` (a module without a spec) makes a later
+    ``importlib.util.find_spec('bitsandbytes')``, as peft's LoRA makes, raise ValueError."""
+    if module not in ("galore_torch", "fira", "apollo_torch"):
+        return importlib.import_module(module)
     try:
         import bitsandbytes  # noqa: F401
+        return importlib.import_module(module)
     except ImportError:
-        for name in ("bitsandbytes", "bitsandbytes.optim", "bitsandbytes.optim.optimizer",
-                     "bitsandbytes.functional"):
-            sys.modules.setdefault(name, types.ModuleType(name))
-        sys.modules["bitsandbytes.optim.optimizer"].Optimizer2State = object
+        pass
+    before = {name: sys.modules.get(name) for name in _BNB_STUBS}
+    sys.modules.update({name: types.ModuleType(name) for name in _BNB_STUBS})
+    sys.modules["bitsandbytes.optim.optimizer"].Optimizer2State = object
+    try:
+        return importlib.import_module(module)
+    finally:
+        for name, was in before.items():
+            if was is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = was
 
 
 def matrices(model, where=("self_attn", "mlp")) -> List[torch.nn.Parameter]:
@@ -164,8 +181,7 @@ def lora(model, lr, r=8, alpha=None, targets=None, modules_to_save=None, fused=N
 
 def galore(model, lr, rank=128, update_proj_gap=200, scale=0.25, weight_decay=0.0):
     """``galore_torch.GaLoreAdamW`` on the attention and MLP matrices, AdamW on the rest."""
-    stub_bitsandbytes()
-    from galore_torch import GaLoreAdamW
+    GaLoreAdamW = import_peer("galore_torch").GaLoreAdamW
 
     low = matrices(model)
     groups = [{"params": _split(model, low)},
@@ -176,8 +192,7 @@ def galore(model, lr, rank=128, update_proj_gap=200, scale=0.25, weight_decay=0.
 
 def fira(model, lr, rank=128, update_proj_gap=200, alpha=0.25, weight_decay=0.0):
     """``fira.FiraAdamW``: GaLore's projection plus the scaled residual of the full-rank gradient."""
-    stub_bitsandbytes()
-    from fira import FiraAdamW
+    FiraAdamW = import_peer("fira").FiraAdamW
 
     low = matrices(model)
     groups = [{"params": _split(model, low)},
@@ -189,8 +204,7 @@ def fira(model, lr, rank=128, update_proj_gap=200, alpha=0.25, weight_decay=0.0)
 def apollo(model, lr, rank=256, update_proj_gap=200, scale=1.0, scale_type="channel", weight_decay=0.0):
     """``apollo_torch.APOLLOAdamW``: random projection, channel-wise scaling of the raw gradient
     (``rank=1, scale_type='tensor'`` is APOLLO-Mini)."""
-    stub_bitsandbytes()
-    from apollo_torch import APOLLOAdamW
+    APOLLOAdamW = import_peer("apollo_torch").APOLLOAdamW
 
     low = matrices(model)
     groups = [{"params": _split(model, low)},
@@ -264,10 +278,8 @@ def unavailable(name: str) -> Optional[str]:
     module = _MODULES.get(name)
     if module is None:
         return None
-    if module in ("galore_torch", "fira", "apollo_torch"):
-        stub_bitsandbytes()
     try:
-        __import__(module)
+        import_peer(module)
     except Exception as exc:  # ImportError, or a package that breaks at import
         return f"{PACKAGES[name]} does not import: {type(exc).__name__}: {exc}"
     return None

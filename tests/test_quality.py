@@ -117,3 +117,45 @@ def test_the_registry_builds_every_peer_on_a_tiny_llama():
     with pytest.raises(ValueError, match="unknown method"):
         peers.build("sgd", model, 1e-3)
     assert peers.unavailable("adamw") is None
+
+
+# Run in a fresh interpreter where no finder sees bitsandbytes (the GPU image lacks it; this venv has it).
+WITHOUT_BITSANDBYTES = """
+import sys
+sys.path.insert(0, {benchmarks!r})
+
+
+class Hidden:
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        return None if name.partition(".")[0] == "bitsandbytes" else self.finder.find_spec(name, path, target)
+
+    def __getattr__(self, attr):
+        return getattr(self.finder, attr)
+
+
+sys.meta_path[:] = [Hidden(f) for f in sys.meta_path]
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+import peers
+
+config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4, max_position_embeddings=64)
+for name in ("galore", "fira", "apollo", "lora"):  # one process, as a study's worker runs one method after another
+    assert peers.unavailable(name) is None, name
+    method = peers.build(name, LlamaForCausalLM(config), 1e-2, **({{}} if name == "lora" else dict(rank=4)))
+    method.run_backward(method.loss(torch.randint(0, 64, (2, 16))))
+    method.run_step()
+    assert "bitsandbytes" not in sys.modules, name
+print("ok")
+"""
+
+
+def test_peers_that_import_bitsandbytes_leave_no_stub_behind_for_lora():
+    """galore, fira and apollo import bitsandbytes where it is missing through a stub; LoRA (peft) built after
+    them in the same process must still see it missing (a stub left behind made peft raise ValueError)."""
+    code = WITHOUT_BITSANDBYTES.format(benchmarks=str(BENCHMARKS))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
