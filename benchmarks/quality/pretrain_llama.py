@@ -360,18 +360,32 @@ def speed(a, t_start):
             print("budget spent before the speed pass; run again to go on")
             return 3
         lr = min(ok, key=lambda r: r["val_ppl"])["lr"]
+        before = allocated_mib(device)
         model = build_model(a.size, device)
         m = build_method(method, model, lr, a)
         train_steps(m, a, lr, train, device, 5)
         _, wall = train_steps(m, a, lr, train, device, a.speed_steps)
+        held = allocated_mib(device)
         m.close()
         del model, m
         gc.collect()
         tokens_per_s = a.speed_steps * a.batch * a.seq / wall
+        held_mib = None if held is None else held - before
         write_result(out, dict(size=a.size, method=method, lr=lr, steps=a.speed_steps, tokens_per_s=tokens_per_s,
-                               device=device_record()))
-        print(f"{a.size} {method}: {tokens_per_s:,.0f} tok/s alone", flush=True)
+                               held_mib=held_mib, device=device_record()))
+        print(f"{a.size} {method}: {tokens_per_s:,.0f} tok/s alone"
+              + ("" if held_mib is None else f", {held_mib:,.0f} MiB held between steps"), flush=True)
     return 0
+
+
+def allocated_mib(device):
+    """GPU memory in live tensors (None off a GPU). Between steps that is what a method keeps: weights, optimizer
+    state, the gradients it does not free; the peak adds the activations and logits of a step, which at this
+    batch (64 x 256 tokens, a 49k vocabulary) are most of it and the same for every method."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated() / 2**20
 
 
 # ----------------------------------------------------------------------------------- report
@@ -389,11 +403,13 @@ def report(a, commands):
         lrs = method_lrs(a, m, results, grid)
         solo = WORK / "results" / f"{a.size}_{m}_speed.json"  # tokens/s alone, where the sweep ran side by side
         tokens_per_s, speed_from = best["tokens_per_s"], "the run"
+        alone = json.loads(solo.read_text()) if solo.is_file() else {}
         if best.get("concurrent_runs", 1) > 1:
             tokens_per_s, speed_from = None, f"not measured alone (the run shared the GPU with {best['concurrent_runs'] - 1} others)"
-            if solo.is_file():
-                tokens_per_s, speed_from = json.loads(solo.read_text())["tokens_per_s"], "a solo pass (speed)"
+            if alone:
+                tokens_per_s, speed_from = alone["tokens_per_s"], "a solo pass (speed)"
         table[m] = dict(status="ok", lr=best["lr"], val_ppl=best["val_ppl"], peak_mem_mib=best["peak_mem_mib"],
+                        held_mib=alone.get("held_mib"),
                         lr_chosen_on=f"{len(ok)} of {len(lrs)} lrs" + ("" if {r["lr"] for r in mine} >= set(lrs) else " (a partial sweep)"),
                         tokens_per_s=tokens_per_s, tokens_per_s_from=speed_from, train_s=best["train_s"], tokens=best["tokens"],
                         params=best["params"], trainable_params=best["trainable_params"], info=best["info"],
@@ -428,13 +444,15 @@ def markdown(payload) -> str:
     rows = []
     for m, r in payload["methods"].items():
         if r["status"] != "ok":
-            rows.append([m, "", r["status"], "", "", "", ""])
+            rows.append([m, "", r["status"], "", "", "", "", ""])
             continue
         swept = ", ".join(f"{x['lr']:g}: {x['val_ppl']:.2f}" for x in payload["sweep"][m])
+        held = r.get("held_mib")
         rows.append([m, f"{r['lr']:g}", f"{r['val_ppl']:.2f}", f"{(r['peak_mem_mib'] or 0) / 1024:.2f} GiB",
+                     "not measured" if held is None else f"{held / 1024:.2f} GiB",
                      f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "not measured", swept, r["device"] or ""])
-    return markdown_table(["method", "lr", "val perplexity", "peak", "tokens/s alone", "sweep (lr: perplexity)",
-                           "card"], rows)
+    return markdown_table(["method", "lr", "val perplexity", "peak", "held between steps", "tokens/s alone",
+                           "sweep (lr: perplexity)", "card"], rows)
 
 
 def plot(path, payload):
@@ -444,19 +462,26 @@ def plot(path, payload):
     import matplotlib.pyplot as plt
 
     rows = {m: r for m, r in payload["methods"].items() if r["status"] == "ok"}
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(18, 4.8))
     for i, (m, r) in enumerate(rows.items()):
         steps, losses = zip(*r["val_loss_curve"])
         a.plot(steps, [math.exp(x) for x in losses], "o-", color=f"C{i}", label=f"{m} (lr {r['lr']:g})")
-        mem = (r["peak_mem_mib"] or 0) / 1024
-        b.scatter(mem, r["val_ppl"], color=f"C{i}")
-        b.annotate(m, (mem, r["val_ppl"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        for panel, mib in ((b, r["peak_mem_mib"]), (c, r.get("held_mib"))):
+            if mib is not None:
+                panel.scatter(mib / 1024, r["val_ppl"], color=f"C{i}")
+                panel.annotate(m, (mib / 1024, r["val_ppl"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
     a.set_yscale("log")
     a.set_xlabel("step (%d tokens each)" % (payload["config"]["batch"] * payload["config"]["seq"]))
     a.set_ylabel("validation perplexity")
     a.legend(fontsize=8)
-    b.set_xlabel("peak GPU memory (GiB, allocated)")
-    b.set_ylabel("final validation perplexity")
+    b.set_xlabel("peak GPU memory (GiB, allocated; a step's activations and logits included)")
+    c.set_xlabel("GPU memory held between steps (GiB: weights, optimizer state, kept gradients)")
+    if not any(r.get("held_mib") is not None for r in rows.values()):
+        c.text(0.5, 0.5, "not measured\n(the solo pass on a GPU measures it)", ha="center", va="center",
+               transform=c.transAxes)
+    for panel in (b, c):
+        panel.set_yscale("log")  # BAdam's perplexities are several times the others'
+        panel.set_ylabel("final validation perplexity")
     fig.suptitle(f"Llama {payload['config']['size']} from scratch, equal tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
