@@ -431,6 +431,14 @@ def train_peer(a, method, lr, seed, device, val_rows):
                                      trainable_params=trainable, info=info)
 
 
+def train(a, method, lr, seed, device, val_rows, name=None):
+    """(model, tokenizer, record) of one run: BAdam through the main job (``train_badam``; ``name``: its run
+    folder), every peer in this process (``train_peer``)."""
+    if method in THROUGH_THE_JOB:
+        return train_badam(a, method, lr, seed, device, val_rows, name=name)
+    return train_peer(a, method, lr, seed, device, val_rows)
+
+
 def set_lr(method, lr):
     opt = method.optimizer
     if hasattr(opt, "lr") and not isinstance(getattr(opt, "lr"), dict):
@@ -452,10 +460,9 @@ def run_one(a, method, lr, seed, device) -> Path:
         return out
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    trainer = train_badam if method in THROUGH_THE_JOB else train_peer
     a = for_method(a, method)
     try:
-        model, tokenizer, result = trainer(a, method, lr, seed, device, val_rows)
+        model, tokenizer, result = train(a, method, lr, seed, device, val_rows)
     except torch.cuda.OutOfMemoryError:
         write_result(out, dict(method=method, lr=lr, seed=seed, status="OOM"))
         return out
@@ -586,10 +593,7 @@ def speed(a, t_start: float) -> int:
         solo = argparse.Namespace(**{**vars(for_method(a, method)), "steps": SPEED_WARMUP + a.speed_steps, "evals": 1,
                                      "workers": 1})
         lr = max(done, key=rank)["lr"]
-        if method in THROUGH_THE_JOB:
-            model, _, r = train_badam(solo, method, lr, 0, device, val_rows, name=f"speed_{method}")
-        else:
-            model, _, r = train_peer(solo, method, lr, 0, device, val_rows)
+        model, _, r = train(solo, method, lr, 0, device, val_rows, name=f"speed_{method}")
         del model
         gc.collect()
         if device.type == "cuda":
