@@ -544,3 +544,28 @@ def test_ranks_agree_to_stop_after_the_same_step(tmp_path):
     mp.spawn(_stop_agreement_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         assert torch.load(tmp_path / f"rank{rank}.pt") == [(1.5, False), (1.5, True)]
+
+
+def test_sigterm_stops_after_the_step_and_saves_a_checkpoint_to_resume_from(tmp_path):
+    """What a batch scheduler or a preempted machine sends: the job stops after the current step, saves, and
+    says so (exit status 130, ``interrupted``); ``--resume`` goes on from that step."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "-m", "badam_kernels", "--steps", "100000", "--out", str(run), *TINY],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = run / "metrics.jsonl", time.time() + 240
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and job.poll() is None:
+        assert time.time() < deadline, "the job wrote no steps in 240 s"
+        time.sleep(0.2)
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=240)
+    assert job.returncode == 130, err[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    steps = len(read_jsonl(metrics))
+    assert summary["interrupted"] and summary["step"] == steps < 100000
+    saved = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert saved["step"] == steps and f"--resume {run}" in out + err
+    assert run_cli("--resume", run, "--steps", 1, "--no-progress") == 0
+    assert read_jsonl(metrics)[-1]["step"] == steps + 1

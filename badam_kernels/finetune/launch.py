@@ -139,15 +139,18 @@ def gpu_memory_held_mib(device: torch.device) -> Dict[str, Optional[float]]:
 
 
 class StopFlag:
-    """Ctrl-C asks the loop to stop after the current step and save (a second Ctrl-C interrupts at once)."""
+    """Ctrl-C, or SIGTERM (what a batch scheduler or a preempted machine sends before it kills), asks the
+    loop to stop after the current step and save; a second signal interrupts at once."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
 
     def __init__(self):
         self.set = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
-        if hasattr(signal, "SIGINT") and _in_main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        if _in_main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
@@ -156,8 +159,10 @@ class StopFlag:
         self.set = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            if previous is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(sig, previous)
+        self._previous = {}
         return False
 
 

@@ -200,7 +200,7 @@ def _announce(run: Run, ckpt_dir: Optional[str]) -> None:
 
 def run_loop(run: Run) -> Progress:
     """The steps from ``run.start`` to ``run.target``, each a line of ``metrics.jsonl`` written at once;
-    Ctrl-C (on any rank) stops every rank after the current step."""
+    Ctrl-C or SIGTERM (on any rank) stops every rank after the current step."""
     from tqdm.auto import tqdm
 
     cfg, target = run.cfg, run.target
