@@ -58,3 +58,15 @@ def test_a_paused_run_goes_on_exactly_where_it_stopped(study, method, tmp_path, 
     assert resumed["val_loss_curve"] == whole["val_loss_curve"] and len(whole["val_loss_curve"]) == a.steps + 1
     assert (whole["calls"], resumed["calls"]) == (1, a.steps)
     assert not pl.checkpoint_path(f"{a.size}_{method}_lr{lr:g}").exists()  # a finished run leaves none
+
+
+def test_the_next_call_takes_up_the_paused_runs_first(study, tmp_path, monkeypatch):
+    import torch
+
+    pl, a, train, val = study
+    monkeypatch.setattr(pl, "WORK", tmp_path)
+    monkeypatch.setattr(a, "methods", list(pl.METHODS))
+    lr = float(dict(x.split("=") for x in a.lr)["fira"])
+    assert pl.pending(a)[0] != ("fira", lr)  # the sweep's own order
+    pl.run_one(a, "fira", lr, torch.device("cpu"), train, val, stop_at=0.0)
+    assert pl.pending(a)[0] == ("fira", lr) and len(pl.pending(a)) == len(pl.METHODS)

@@ -308,9 +308,13 @@ def load_checkpoint(name, m, device):
 
 
 # ----------------------------------------------------------------------------------- one run
+def run_name(a, method, lr) -> str:
+    return f"{a.size}_{method}_lr{lr:g}"
+
+
 def run_one(a, method, lr, device, train, val, stop_at=None):
     """One run of the sweep, to its result JSON; past ``stop_at`` it pauses (a checkpoint, no JSON)."""
-    name = f"{a.size}_{method}_lr{lr:g}"
+    name = run_name(a, method, lr)
     out = WORK / "results" / f"{name}.json"
     if out.is_file():
         return
@@ -400,10 +404,12 @@ def method_lrs(a, method, results, grid):
 
 
 def pending(a):
-    """The sweep's runs not done yet (``common.sweep_jobs``: middle lrs first, the steps past an edge last)."""
+    """The sweep's runs not done yet: the paused ones first (their checkpoints hold the disk), then in
+    ``common.sweep_jobs``' order (middle lrs first, the steps past an edge last)."""
     grid, results = lr_grid(LR_GRID, a.lr), load_results(a)
     todo = sweep_jobs(grid, a.methods, lambda m: method_lrs(a, m, results, grid))
-    return [(m, lr) for m, lr in todo if not (WORK / "results" / f"{a.size}_{m}_lr{lr:g}.json").is_file()]
+    todo = [(m, lr) for m, lr in todo if not (WORK / "results" / f"{run_name(a, m, lr)}.json").is_file()]
+    return sorted(todo, key=lambda job: not checkpoint_path(run_name(a, *job)).is_file())
 
 
 def run_job(a, work, stop_at, job) -> None:
