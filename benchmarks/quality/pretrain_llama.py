@@ -563,12 +563,13 @@ def plot(path, payload):
     a.legend(fontsize=8)
     b.set_xlabel("peak GPU memory (GiB, allocated; a step's activations and logits included)")
     c.set_xlabel("GPU memory held between steps (GiB: weights, optimizer state, kept gradients)")
-    if not any(r.get("held_mib") is not None for r in rows.values()):
-        c.text(0.5, 0.5, "not measured\n(the solo pass on a GPU measures it)", ha="center", va="center",
-               transform=c.transAxes)
     for panel in (b, c):
-        panel.set_yscale("log")  # BAdam's perplexities are several times the others'
         panel.set_ylabel("final validation perplexity")
+        if panel.collections:
+            panel.set_yscale("log")  # BAdam's perplexities are several times the others'
+        else:
+            panel.text(0.5, 0.5, "not measured\n(the solo pass on a GPU measures it)", ha="center", va="center",
+                       transform=panel.transAxes)
     fig.suptitle(f"Llama {payload['config']['size']} from scratch, equal tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
