@@ -109,7 +109,7 @@ def test_pretrain_llama_steps_past_the_edge_with_the_lowest_perplexity(tmp_path,
     results = tmp_path / "pretrain" / "results"
     results.mkdir(parents=True)
     monkeypatch.setattr(pretrain_llama, "WORK", tmp_path / "pretrain")
-    a = Namespace(size="60m", lr=["adamw=1e-3,3e-3,6e-3", "galore=3e-3,6e-3,1e-2"], methods=["adamw", "galore"], extend=2)
+    a = Namespace(size="60m", lr=["adamw=1e-3,3e-3,6e-3", "galore=3e-3,6e-3,1e-2"], methods=["adamw", "galore"], extend=2, grid_from=None)
     assert pretrain_llama.pending(a) == [("adamw", 3e-3), ("galore", 6e-3), ("adamw", 1e-3), ("galore", 3e-3),
                                          ("adamw", 6e-3), ("galore", 1e-2)]
     for method, ppls in (("adamw", {1e-3: 40.0, 3e-3: 35.0, 6e-3: 33.0}), ("galore", {3e-3: 50.0, 6e-3: 45.0, 1e-2: 48.0})):
@@ -127,3 +127,26 @@ def test_a_report_of_runs_from_two_kinds_of_gpu_is_named_after_both():
     mixed = runs_device([dict(device=h200), dict(device=h100), dict(device=h200), dict(status="no device")])
     assert mixed["name"] == "NVIDIA H200+H100" and mixed["runs_per_device"] == {"NVIDIA H200": 2, h100["name"]: 1}
     assert result_path("quality_x", "json", mixed).name.startswith("quality_x_h200+h100_")
+
+
+def test_pretraining_grid_from_a_smaller_size_centres_on_its_best_lr(tmp_path, monkeypatch):
+    import pretrain_llama
+
+    monkeypatch.setattr(pretrain_llama, "WORK", tmp_path)
+    (tmp_path / "results").mkdir()
+    swept = {"adamw": {3.33e-4: 74.0, 1e-3: 48.0, 3e-3: 87.0, 6e-3: 204.0},  # best inside
+             "galore": {3e-3: 49.3, 6e-3: 41.0, 1e-2: 40.5},                  # best at the top edge
+             "fira": {3e-3: float("nan")}}                                      # no finished run
+    for method, runs in swept.items():
+        for lr, ppl in runs.items():
+            status = "ok" if ppl == ppl else "error"
+            run = dict(size="60m", method=method, lr=lr, status=status, **({"val_ppl": ppl} if status == "ok" else {}))
+            (tmp_path / "results" / f"60m_{method}_lr{lr:g}.json").write_text(json.dumps(run))
+    a = pretrain_llama.parser().parse_args(["--size", "130m", "--grid-from", "60m", "--lr", "apollo=1e-3"])
+    grid = pretrain_llama.sweep_grid(a)
+    assert grid["adamw"] == [3.33e-4, 1e-3, 3e-3]  # the best and its neighbours, not the whole sweep
+    assert grid["galore"] == [6e-3, 1e-2]  # the top edge: the sweep steps past it (sweep_lrs)
+    assert grid["fira"] == pretrain_llama.LR_GRID["fira"] and grid["apollo"] == [1e-3]  # default; --lr wins
+    assert pretrain_llama.sweep_grid(pretrain_llama.parser().parse_args(["--size", "130m"])) == pretrain_llama.LR_GRID
+    with pytest.raises(SystemExit):
+        pretrain_llama.main(["run", "--size", "60m", "--grid-from", "60m"])

@@ -389,9 +389,27 @@ def train_run(a, m, name, lr, device, train, val, stop_at):
     return progress
 
 
-def load_results(a):
-    return [json.loads(p.read_text()) for p in sorted((WORK / "results").glob(f"{a.size}_*_lr*.json"))] \
+def load_results(a, size=None):
+    """The finished runs of ``size`` (default: ``--size``)."""
+    pattern = f"{size or a.size}_*_lr*.json"
+    return [json.loads(p.read_text()) for p in sorted((WORK / "results").glob(pattern))] \
         if (WORK / "results").is_dir() else []
+
+
+def sweep_grid(a) -> dict:
+    """Each method's lrs to sweep: ``LR_GRID``, or with ``--grid-from SIZE`` the method's best lr at that size
+    with its neighbours in that size's sweep (where that size has runs of it), then ``--lr`` overrides. A
+    larger model's best lr lies near a smaller one's, so its sweep needs fewer steps past an edge."""
+    base = dict(LR_GRID)
+    if a.grid_from:
+        done = [r for r in load_results(a, a.grid_from) if r["status"] == "ok"]
+        for method in base:
+            mine = [r for r in done if r["method"] == method]
+            if mine:
+                lrs = sorted({r["lr"] for r in mine})
+                best = lrs.index(min(mine, key=lambda r: r["val_ppl"])["lr"])
+                base[method] = lrs[max(0, best - 1):best + 2]
+    return lr_grid(base, a.lr)
 
 
 def method_lrs(a, method, results, grid):
@@ -406,7 +424,7 @@ def method_lrs(a, method, results, grid):
 def pending(a):
     """The sweep's runs not done yet: the paused ones first (their checkpoints hold the disk), then in
     ``common.sweep_jobs``' order (middle lrs first, the steps past an edge last)."""
-    grid, results = lr_grid(LR_GRID, a.lr), load_results(a)
+    grid, results = sweep_grid(a), load_results(a)
     todo = sweep_jobs(grid, a.methods, lambda m: method_lrs(a, m, results, grid))
     todo = [(m, lr) for m, lr in todo if not (WORK / "results" / f"{run_name(a, m, lr)}.json").is_file()]
     return sorted(todo, key=lambda job: not checkpoint_path(run_name(a, *job)).is_file())
@@ -477,7 +495,7 @@ def allocated_mib(device):
 
 # ----------------------------------------------------------------------------------- report
 def report(a, commands):
-    results, grid = load_results(a), lr_grid(LR_GRID, a.lr)
+    results, grid = load_results(a), sweep_grid(a)
     table, sweep = {}, {}
     for m in a.methods:
         mine = [r for r in results if r["method"] == m]
@@ -506,7 +524,8 @@ def report(a, commands):
     payload = dict(what=f"Llama {a.size} from scratch on an offline corpus; validation perplexity (best lr of the sweep, "
                         "one seed) against peak GPU memory at equal tokens",
                    config=dict(size=a.size, shape=SHAPES[a.size], steps=a.steps, batch=a.batch, seq=a.seq,
-                               switch_every=a.switch_every, rank=RANK[a.size], lr_grid=grid, extend=a.extend,
+                               switch_every=a.switch_every, rank=RANK[a.size], lr_grid=grid, grid_from=a.grid_from,
+                               extend=a.extend,
                                schedule="10% linear warm-up, cosine to 10%", precision="bf16 autocast, fp32 weights",
                                quick=a.quick),
                    corpus=manifest, versions_where_reported=peers.versions(),
@@ -583,6 +602,8 @@ def parser():
     p.add_argument("--size", default="60m", choices=sorted(SHAPES))
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--lr", nargs="*", metavar="METHOD=LR,LR,...", help="replace a method's lr grid")
+    p.add_argument("--grid-from", choices=sorted(SHAPES), metavar="SIZE",
+                   help="centre each method's lr grid on its best lr at SIZE (its neighbours in that sweep)")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seq", type=int, default=256)
@@ -642,6 +663,8 @@ def main(argv=None):
     a = parser().parse_args(argv)
     if a.workers < 1 or a.speed_steps < 1:
         parser().error(f"--workers and --speed-steps must be at least 1, got {a.workers} and {a.speed_steps}")
+    if a.grid_from == a.size:
+        parser().error(f"--grid-from {a.grid_from} is --size itself: name the smaller size whose sweep is done")
     if a.budget_s < 0 or a.stop_after_s < 0:
         parser().error(f"--budget-s and --stop-after-s must be 0 or more, got {a.budget_s} and {a.stop_after_s}")
     commands = a.ran + [command_line()]
