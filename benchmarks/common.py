@@ -157,6 +157,31 @@ def write_result(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
+# A quality study's run that passes its call's deadline pauses: it saves all it needs to go on exactly where
+# it was (the method's weights and optimizer state, the RNG, the study's record of its progress) and stops;
+# the next call on a machine still warm takes it up. Where the file is gone (the machine was given back),
+# the run starts again.
+def save_pause(path: Path, method, progress: dict) -> None:
+    """``method`` (a ``peers.Method``) and ``progress`` to ``path``, whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    torch.save(dict(method=method.state_dict(), progress=progress, rng=rng), path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def resume_pause(path: Path, method, device: torch.device):
+    """The progress saved at ``path``, with the weights, optimizer state and RNG put back into ``method``;
+    None where there is no such file."""
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location=device, weights_only=False)  # GaLore's projectors are objects
+    method.load_state_dict(saved["method"])
+    torch.set_rng_state(saved["rng"]["cpu"])
+    if saved["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    return saved["progress"]
+
+
 def sweep_jobs(grid: dict, methods, lrs_of) -> list:
     """(method, lr) in the order a sweep runs them: every method's middle lr first (a sweep cut short still
     compares them all), then the rest of the grids, then the lrs of ``lrs_of(method)`` beyond its grid."""

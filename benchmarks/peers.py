@@ -49,6 +49,9 @@ class Method:
     hooks: object = None  # truncate_backward's handle (BAdam), removed by close()
     clips_itself: bool = False  # the optimizer clips the gradient (BlockOptimizer's max_grad_norm, LOMO)
     info: Dict[str, object] = field(default_factory=dict)  # what the study should record
+    # the optimizer's state where its state_dict() misses it (AdaLomo keeps it in attributes): (save, load)
+    optimizer_state: Optional[tuple] = None
+    resumable: bool = True  # False: its state cannot be put back (badam 1.4 rebuilds its optimizer on a switch)
 
     def loss(self, ids, **kwargs):
         return self.loss_fn(self.module, ids, **kwargs)
@@ -68,6 +71,18 @@ class Method:
         if self.backward is None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        """What a paused run keeps: the module's weights and the optimizer's state."""
+        save = self.optimizer_state[0] if self.optimizer_state else self.optimizer.state_dict
+        return dict(module=self.module.state_dict(), optimizer=save())
+
+    def load_state_dict(self, saved: dict) -> None:
+        if not self.resumable:
+            raise ValueError("this method's state cannot be put back")
+        self.module.load_state_dict(saved["module"])
+        load = self.optimizer_state[1] if self.optimizer_state else self.optimizer.load_state_dict
+        load(saved["optimizer"])
 
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
@@ -154,7 +169,7 @@ def badam_official(model, lr, K=50, start_block=None, switch_mode=None, block_pr
                                        switch_mode=mode, start_block=start_block, verbose=0,
                                        block_prefix_list=block_prefix_list,
                                        include_embedding=include_embedding, include_lm_head=include_lm_head)
-    return Method(opt, module=model, info=dict(blocks=len(opt.block_prefix_list), switch_every=K))
+    return Method(opt, module=model, info=dict(blocks=len(opt.block_prefix_list), switch_every=K), resumable=False)
 
 
 def adamw(model, lr, fused=None, weight_decay=0.0):
@@ -227,7 +242,17 @@ def adalomo(model, lr, clip_grad_norm=None):
     from lomo_optim import AdaLomo
 
     opt = AdaLomo(model, lr=lr, clip_grad_norm=clip_grad_norm)
-    return Method(opt, backward=lambda loss: opt.fused_backward(loss, opt.lr), module=model)  # opt.lr: a schedule may set it
+    kept = ("step_num", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")  # its factored second moments, by name
+
+    def save():
+        return {name: getattr(opt, name) for name in kept}
+
+    def load(saved):
+        for name in kept:
+            setattr(opt, name, saved[name])
+
+    return Method(opt, backward=lambda loss: opt.fused_backward(loss, opt.lr), module=model,  # opt.lr: a schedule may set it
+                  optimizer_state=(save, load))
 
 
 def fused_ce_loss(model, ids, labels=None, attention_mask=None, chunk_mem_const: int = 1):

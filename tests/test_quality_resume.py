@@ -1,7 +1,9 @@
-"""A pretraining run that passes its call's deadline pauses (a checkpoint) and goes on in the next call
-exactly where it stopped: the same losses and validation curve as the same run without a pause, for
-every method of the study (benchmarks/quality/pretrain_llama.py, its --quick shapes on the CPU)."""
+"""A quality study's run that passes its call's deadline pauses and goes on in the next call exactly where
+it stopped: the same losses and validation curve (and, fine-tuning, generations) as the run without a pause,
+for every method of the pretraining study and each kind of fine-tuning run (benchmarks/quality/, the
+scripts' --quick shapes on the CPU)."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,20 +13,24 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS / "quality")]
 
 
+def quick_args(script, tmp_path_factory):
+    """``script``'s (a study module's) arguments with its --quick settings, in a work folder of the test's."""
+    os.environ["QUALITY_WORK"] = str(tmp_path_factory.mktemp("work"))
+    try:
+        a = script.parser().parse_args(["--quick"])
+        script.quick_settings(a)
+    finally:
+        del os.environ["QUALITY_WORK"]
+    return a
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """pretrain_llama with its quick settings and tokens; (module, args, train tokens, val tokens)."""
-    import os
-
     import pretrain_llama
 
-    os.environ["QUALITY_WORK"] = str(tmp_path_factory.mktemp("work"))
-    try:
-        a = pretrain_llama.parser().parse_args(["--quick"])
-        pretrain_llama.quick_settings(a)
-        pretrain_llama.tokenize(a)
-    finally:
-        del os.environ["QUALITY_WORK"]
+    a = quick_args(pretrain_llama, tmp_path_factory)
+    pretrain_llama.tokenize(a)
     a.eval_every = 1  # a point on the validation curve at every step, paused or not
     return pretrain_llama, a, pretrain_llama.load_tokens("train"), pretrain_llama.load_tokens("val")
 
@@ -70,3 +76,60 @@ def test_the_next_call_takes_up_the_paused_runs_first(study, tmp_path, monkeypat
     assert pl.pending(a)[0] != ("fira", lr)  # the sweep's own order
     pl.run_one(a, "fira", lr, torch.device("cpu"), train, val, stop_at=0.0)
     assert pl.pending(a)[0] == ("fira", lr) and len(pl.pending(a)) == len(pl.METHODS)
+
+
+# ----------------------------------------------------------------------------------- fine-tuning (finetune_rg.py)
+@pytest.fixture(scope="module")
+def finetune(tmp_path_factory):
+    """finetune_rg with its quick settings, data and tiny model; (module, args)."""
+    import finetune_rg
+
+    a = quick_args(finetune_rg, tmp_path_factory)
+    a.stop_at = None
+    finetune_rg.make_data(a)
+    finetune_rg.make_model(a)
+    return finetune_rg, a
+
+
+def finetune_run(ft, a, method, results, stop_at):
+    """One run of ``method`` into the folder ``results``, in calls until its JSON is there; (JSON, calls)."""
+    import torch
+
+    a.results = results
+    lr = ft.LR_GRID[method][1]
+    out = results / f"{ft.run_name(method, lr, 0)}.json"
+    for call in range(1, 20):
+        ft.run_one(a, method, lr, 0, torch.device("cpu"), stop_at)
+        if out.is_file():
+            return json.loads(out.read_text()), call
+    raise AssertionError(f"{method} did not finish in 19 calls")
+
+
+@pytest.mark.parametrize("method", ["badam_offload", "adamw", "lora", "galore", "apollo"])  # offload: parked states too
+def test_a_paused_finetuning_run_goes_on_exactly_where_it_stopped(finetune, method, tmp_path):
+    """Peers pause after every step, BAdam (badam-finetune, stopped by SIGTERM) after one of its first two
+    steps a call; either way the losses, the validation curve and the generations are the whole run's."""
+    import argparse
+
+    ft, a = finetune
+    if method.startswith("badam"):  # the job is signalled from outside: enough steps to stop it inside its loop
+        a = argparse.Namespace(**{**vars(a), "steps": 8})
+    whole, calls = finetune_run(ft, a, method, tmp_path / "whole", None)
+    assert calls == 1 and whole["status"] == "ok" and whole["calls"] == 1, whole
+    paused, calls = finetune_run(ft, a, method, tmp_path / "paused", 0.0)
+    assert paused["status"] == "ok", paused
+    assert paused["calls"] == calls >= 2 if method.startswith("badam") else paused["calls"] == calls == a.steps
+    for key in ("losses", "val_loss_curve", "test_answers", "val_answers"):
+        assert paused[key] == whole[key], key
+    folder = ft.run_folder(a, ft.run_name(method, ft.LR_GRID[method][1], 0))  # (a.results: the paused run's)
+    if method.startswith("badam"):  # the job's command is the first call's, not the --resume
+        assert paused["info"]["command"].replace("/paused/", "/") == whole["info"]["command"].replace("/whole/", "/")
+        assert not (folder / "checkpoint").exists()  # the model went to the generations; the metrics stay
+    else:
+        assert not folder.exists()  # the paused state is gone with the run's end
+
+
+def test_badam_official_cannot_pause_and_runs_through(finetune, tmp_path):
+    ft, a = finetune
+    result, calls = finetune_run(ft, a, "badam_official", tmp_path / "official", 0.0)
+    assert result["status"] == "ok" and calls == result["calls"] == 1

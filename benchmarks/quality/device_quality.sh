@@ -8,8 +8,8 @@
 # together there and checked against its sha256. Data are made here first
 # (finetune_rg.py data) and carried with the working tree: carry [".whl", ".gguf", "benchmarks/quality/work/finetune/data"].
 #   run(command="STEP=part1 bash benchmarks/quality/device_quality.sh", carry=[...])
-#   run(command="STEP=finetune BUDGET=360 FT_ARGS='--workers 8' bash benchmarks/quality/device_quality.sh", carry=[...], timeout_s=590)
-# (BUDGET: when the last run may start; leave a run's wall time before the call's limit: benchmarks/quality/README.md)
+#   run(command="STEP=finetune FT_ARGS='--workers 8' bash benchmarks/quality/device_quality.sh", carry=[...], timeout_s=590)
+# (FT_STOP=450: the runs going then pause, and the next call made at once goes on with them: benchmarks/quality/README.md)
 # The pretraining study's tokens (pretrain_llama.py tokenize: tokens_train.00.u16.xz, .01, ... of at most 40M
 # tokens, about 30 MiB each, plus tokens_val.00.u16.xz, tokens.sha256 and manifest.json) are more than one call
 # carries too: each part travels in its own call and waits in /tmp/pretrain_parts, which outlives the call
@@ -72,7 +72,10 @@ case $step in
     fi
     echo "$SHA  $GG" | sha256sum -c - || exit 2
     python3 benchmarks/quality/finetune_rg.py model --gguf "$GG" --expect-sha256 $SHA 2>&1 | grep -v "Converting\|Loading\|Writing" | tail -3
-    python3 benchmarks/quality/finetune_rg.py run --stage ${STAGE:-sweep} --budget-s ${BUDGET:-330} ${FT_ARGS:-} 2>&1 \
+    # FT_STOP: when the runs going pause (their state in work/finetune/runs, which the next call on the still-warm
+    # machine takes up) and no new one starts; the finished runs' generations follow, inside the call's 590 s
+    python3 benchmarks/quality/finetune_rg.py run --stage ${STAGE:-sweep} --budget-s ${BUDGET:-0} \
+      --stop-after-s ${FT_STOP:-450} ${FT_ARGS:-} 2>&1 \
       | grep -v "Parameters with\|Loading weights\|Writing model" | tee "$OUT/log.txt" | tail -40
     ;;
   pretrain_part)

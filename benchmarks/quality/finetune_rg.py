@@ -1,12 +1,13 @@
 """Fine-tuning quality at GPU scale: SmolLM2-135M-Instruct on three reasoning-gym tasks, BAdam
 through the main job (``badam-finetune``) against its peers, with a learning-rate sweep and seeds.
 
-Steps (each resumable: a finished run is a JSON file under the work folder and is never redone)::
+Steps (each resumable: a finished run is a JSON file under the work folder and is never redone, and a run
+going at ``--stop-after-s`` pauses and goes on in the next call)::
 
     python benchmarks/quality/finetune_rg.py data                 # train / validation / held-out JSONL (CPU)
     python benchmarks/quality/finetune_rg.py model --gguf FILE    # GGUF -> fp32 Hugging Face folder
-    python benchmarks/quality/finetune_rg.py run --stage sweep --budget-s 420   # lr sweep, seed 0
-    python benchmarks/quality/finetune_rg.py run --stage seeds --budget-s 420   # chosen lr, more seeds
+    python benchmarks/quality/finetune_rg.py run --stage sweep --stop-after-s 450   # lr sweep, seed 0
+    python benchmarks/quality/finetune_rg.py run --stage seeds --stop-after-s 450   # chosen lr, more seeds
     python benchmarks/quality/finetune_rg.py score                # reasoning-gym scorers (where installed)
     python benchmarks/quality/finetune_rg.py report               # JSON + PNG in benchmarks/results/
     python benchmarks/quality/finetune_rg.py --quick              # all of it, tiny, on the CPU (CI)
@@ -51,6 +52,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -62,8 +64,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
-from common import (command_line, device_record, lr_grid, markdown_table, result_path, run_jobs,  # noqa: E402
-                    runs_device, study_device, sweep_jobs, sweep_lrs, write_json, write_result)
+from common import (command_line, device_record, lr_grid, markdown_table, result_path, resume_pause,  # noqa: E402
+                    run_jobs, runs_device, save_pause, study_device, sweep_jobs, sweep_lrs, write_json, write_result)
 
 try:  # the main job's data module (badam_kernels.finetune.data since the layout change; before: .data)
     from badam_kernels.finetune import data as job_data
@@ -302,6 +304,12 @@ def run_name(method, lr, seed):
     return f"{method}_lr{lr:g}_s{seed}"
 
 
+def run_folder(a, name) -> Path:
+    """A run's scratch folder (not packed): the main job's run folder, or a peer's paused state; one a study
+    length, as the results are."""
+    return WORK / "runs" / a.results.name / name
+
+
 def for_method(a, method):
     """The options of ``method``'s runs: a BAdam variant's replace the study's (``BADAM_VARIANTS``); one that
     trains longer is evaluated as often as the others."""
@@ -352,45 +360,82 @@ def badam_args(a, lr, seed, run_dir):
             "--out", str(run_dir), "--log-every", "1000000", "--no-progress"]
 
 
-def badam_finetune(args):
-    """``badam-finetune ARGS`` (as ``python -m badam_kernels``, which needs no installed entry point)."""
+def badam_finetune(args, stop_at=None, metrics=None, steps=None):
+    """``badam-finetune ARGS`` (as ``python -m badam_kernels``, which needs no installed entry point); the command
+    as a string, and whether it paused. Past ``stop_at`` (a ``time.time()``), once the job has logged a step to
+    ``metrics`` in this call and has two steps or more to go (so that its loop, not its last save, takes the
+    signal), it gets SIGTERM: it stops after its step and saves a checkpoint (exit 130)."""
     cmd = [sys.executable, "-m", "badam_kernels", *args]
     # the job's process takes this worker's share of the cores (run_jobs sets it), not every core
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"badam-finetune failed ({done.returncode}): {done.stderr[-1500:]}")
-    return "badam-finetune " + " ".join(shlex.quote(x) for x in args)
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    logged = lines_in(metrics) if stop_at is not None else 0
+    signalled = False
+    while True:
+        try:  # past the deadline, look often: the job must be stopped inside its loop
+            _, err = job.communicate(timeout=0.05 if stop_at is not None and time.time() > stop_at else 1.0)
+            break
+        except subprocess.TimeoutExpired:  # (communicate again loses no output)
+            late = stop_at is not None and time.time() > stop_at
+            if late and not signalled and logged < lines_in(metrics) <= steps - 2:
+                job.send_signal(signal.SIGTERM)
+                signalled = True
+    if job.returncode not in (0, 130) or (job.returncode == 130) != signalled:
+        raise RuntimeError(f"badam-finetune failed ({job.returncode}): {err[-1500:]}")
+    return "badam-finetune " + " ".join(shlex.quote(x) for x in args), job.returncode == 130
 
 
-def train_badam(a, method, lr, seed, device, val_rows, name=None):
+def lines_in(path) -> int:
+    return sum(1 for _ in open(path)) if path is not None and os.path.isfile(path) else 0
+
+
+def train_badam(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
     """BAdam through the main job's command line, one process; its own evaluation gives the validation loss
     (the same token-weighted mean over the answer tokens as ``eval_loss``; tests/test_quality.py checks the
-    two agree), and the model comes back from its checkpoint for the generations."""
+    two agree), and the model comes back from its checkpoint for the generations. A run that paused in an
+    earlier call (``pause.json`` in its folder) goes on with ``--resume``; one that pauses now returns None."""
     import shutil
 
-    run_dir = WORK / "runs" / (name or run_name(method, lr, seed))
-    shutil.rmtree(run_dir, ignore_errors=True)  # a run cut short leaves a partial folder: start it again
-    a.device_type = device.type
-    command = badam_finetune(badam_args(a, lr, seed, run_dir))
+    run_dir = run_folder(a, name or run_name(method, lr, seed))
+    pause_file = run_dir / "pause.json"  # the earlier calls of a paused run: its command, their wall and peak
+    if pause_file.is_file() and (run_dir / "checkpoint" / "trainer_state.pt").is_file():
+        earlier = json.loads(pause_file.read_text())
+        _, paused = badam_finetune(["--resume", str(run_dir)], stop_at, run_dir / "metrics.jsonl", a.steps)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run cut short leaves a partial folder: start it again
+        a.device_type = device.type
+        args = badam_args(a, lr, seed, run_dir)
+        command, paused = badam_finetune(args, stop_at, run_dir / "metrics.jsonl", a.steps)
+        earlier = dict(command=command, wall_s=[], peak_mem_mib=[])
     summary = json.loads((run_dir / "summary.json").read_text())
+    if paused:
+        earlier["wall_s"].append(summary["wall_s"])
+        earlier["peak_mem_mib"].append(summary["peak_mem_mib"])
+        write_result(pause_file, earlier)
+        print(f"  {run_dir.name} paused at step {summary['step']}/{a.steps} (the call's deadline)", flush=True)
+        return None
     records = read_jsonl(run_dir / "metrics.jsonl")
     curve = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
-    train_s = summary["wall_s"] - sum(r.get("eval_s", 0.0) for r in records)  # the steps' wall, as the peers'
+    wall_s = sum(earlier["wall_s"]) + summary["wall_s"]
+    train_s = wall_s - sum(r.get("eval_s", 0.0) for r in records)  # the steps' wall, as the peers'
     model, tokenizer = load(run_dir / "checkpoint", device, torch.float32)
-    info = dict(command=command, blocks=summary["num_blocks"], memory_bytes=summary.get("memory_bytes"))
+    info = dict(command=earlier["command"], blocks=summary["num_blocks"], memory_bytes=summary.get("memory_bytes"))
     losses = [r["loss"] for r in records]
     tokens = sum(r["tokens"] for r in records)
     trainable = sum(p.numel() for p in model.parameters()) // summary["num_blocks"]  # about one block's worth
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # 0.5 GB each; the metrics stay
     return model, tokenizer, dict(losses=losses, val_loss_curve=curve, train_s=train_s,
-                                  peak_mem_mib=summary["peak_mem_mib"], tokens=tokens,
+                                  peak_mem_mib=max(earlier["peak_mem_mib"] + [summary["peak_mem_mib"]]),
+                                  tokens=tokens, calls=len(earlier["wall_s"]) + 1,
                                   step_s=[r["tokens"] / r["tokens_per_s"] for r in records],
                                   step_tokens=[r["tokens"] for r in records],
                                   trainable_params_per_block=trainable, info=info)
 
 
-def train_peer(a, method, lr, seed, device, val_rows):
+def train_peer(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
+    """A peer in this process, on the main job's batches for ``seed``. Past ``stop_at`` it pauses (its state
+    in its run folder, None returned) where the method can be put back (``peers.Method.resumable``), and a
+    later call goes on from there."""
     build_batches = job_data.build_batches
     reset_peak(device)
     model, tokenizer = load(WORK / "model", device, torch.float32)
@@ -403,8 +448,21 @@ def train_peer(a, method, lr, seed, device, val_rows):
     m = peers.build(method, model, lr, **options)
     batches = build_batches(str(WORK / "data" / "train.jsonl"), tokenizer, a.seq_len, a.batch, seed)
     points = set(eval_points(a))
-    losses, curve, step_s, step_tokens, peak = [], [], [], [], 0.0
-    for step in range(a.steps):
+    pause_file = run_folder(a, name or run_name(method, lr, seed)) / "paused.pt"
+    progress = resume_pause(pause_file, m, device) if m.resumable else None
+    if progress is None:
+        progress = dict(step=0, losses=[], curve=[], step_s=[], step_tokens=[], peak=0.0, calls=0)
+    else:
+        reset_peak(device)  # not the saved state's copies, gone by the first step
+    progress["calls"] += 1
+    first = progress["step"]
+    for step in range(first, a.steps):
+        if stop_at is not None and m.resumable and step > first and time.time() > stop_at:
+            progress["peak"] = max(progress["peak"], peak_mib(device))
+            save_pause(pause_file, m, progress)
+            m.close()
+            print(f"  {pause_file.parent.name} paused at step {step}/{a.steps} (the call's deadline)", flush=True)
+            return None
         scale = min(1.0, (step + 1) / a.warmup) if a.warmup else 1.0  # the main job's LambdaLR
         set_lr(m, lr * scale)
         b = batches.batch(step)
@@ -415,28 +473,34 @@ def train_peer(a, method, lr, seed, device, val_rows):
         m.run_backward(loss)
         m.clip(1.0)
         m.run_step()
-        losses.append(float(loss.detach()))
-        step_s.append(time.perf_counter() - t0)
-        step_tokens.append(b.num_tokens)
+        progress["losses"].append(float(loss.detach()))
+        progress["step_s"].append(time.perf_counter() - t0)
+        progress["step_tokens"].append(b.num_tokens)
+        progress["step"] = step + 1
         if step + 1 in points:
-            peak = max(peak, peak_mib(device))
-            curve.append((step + 1, eval_loss(m.module, tokenizer, val_rows, a.seq_len, device)))
+            progress["peak"] = max(progress["peak"], peak_mib(device))
+            progress["curve"].append((step + 1, eval_loss(m.module, tokenizer, val_rows, a.seq_len, device)))
             reset_peak(device)
-    peak = max(peak, peak_mib(device))
+    peak = max(progress["peak"], peak_mib(device))
     trainable = m.trainable_params()
     info = dict(options, **m.info)
     m.close()
-    return m.module, tokenizer, dict(losses=losses, val_loss_curve=curve, train_s=sum(step_s), peak_mem_mib=peak,
-                                     tokens=sum(step_tokens), step_s=step_s, step_tokens=step_tokens,
+    if pause_file.parent.is_dir():
+        import shutil
+
+        shutil.rmtree(pause_file.parent)
+    return m.module, tokenizer, dict(losses=progress["losses"], val_loss_curve=progress["curve"],
+                                     train_s=sum(progress["step_s"]), peak_mem_mib=peak,
+                                     tokens=sum(progress["step_tokens"]), step_s=progress["step_s"],
+                                     step_tokens=progress["step_tokens"], calls=progress["calls"],
                                      trainable_params=trainable, info=info)
 
 
-def train(a, method, lr, seed, device, val_rows, name=None):
-    """(model, tokenizer, record) of one run: BAdam through the main job (``train_badam``; ``name``: its run
-    folder), every peer in this process (``train_peer``)."""
-    if method in THROUGH_THE_JOB:
-        return train_badam(a, method, lr, seed, device, val_rows, name=name)
-    return train_peer(a, method, lr, seed, device, val_rows)
+def train(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
+    """(model, tokenizer, record) of one run, or None where it paused at ``stop_at``: BAdam through the main
+    job (``train_badam``), every peer in this process (``train_peer``); ``name``: its run folder's."""
+    trainer = train_badam if method in THROUGH_THE_JOB else train_peer
+    return trainer(a, method, lr, seed, device, val_rows, name=name, stop_at=stop_at)
 
 
 def set_lr(method, lr):
@@ -447,7 +511,8 @@ def set_lr(method, lr):
         group["lr"] = lr
 
 
-def run_one(a, method, lr, seed, device) -> Path:
+def run_one(a, method, lr, seed, device, stop_at=None) -> Path:
+    """One run to its result JSON (trained, then its generations scored); past ``stop_at`` it pauses (no JSON)."""
     out = a.results / f"{run_name(method, lr, seed)}.json"
     if out.is_file():
         return out
@@ -462,7 +527,7 @@ def run_one(a, method, lr, seed, device) -> Path:
     torch.manual_seed(seed)
     a = for_method(a, method)
     try:
-        model, tokenizer, result = train(a, method, lr, seed, device, val_rows)
+        trained = train(a, method, lr, seed, device, val_rows, stop_at=stop_at)
     except torch.cuda.OutOfMemoryError:
         write_result(out, dict(method=method, lr=lr, seed=seed, status="OOM"))
         return out
@@ -473,6 +538,9 @@ def run_one(a, method, lr, seed, device) -> Path:
         write_result(out, dict(method=method, lr=lr, seed=seed, status="error",
                                reason=f"{type(exc).__name__}: {exc}"[:500]))
         return out
+    if trained is None:  # paused: the next call goes on with it
+        return out
+    model, tokenizer, result = trained
     val_answers = generate(model, tokenizer, [r["instruction"] for r in val_rows], device, a.max_new_tokens)
     test_answers = generate(model, tokenizer, [r["instruction"] for r in test_rows], device, a.max_new_tokens)
     del model
@@ -542,14 +610,22 @@ def jobs(a, stage):
 def run_stage(a, stage):
     """The stage's runs not done yet, ``--workers`` at a time: a 135M model's steps are bound by host work,
     so one run leaves the GPU mostly idle; side by side, each run's peak memory stays its own process', and
-    its wall time is marked with ``concurrent_runs``."""
+    its wall time is marked with ``concurrent_runs``. With ``--stop-after-s`` the runs going then pause and
+    no run starts after it."""
     return run_jobs(functools.partial(pending_jobs, a, stage), functools.partial(run_job, a, WORK), a.workers,
-                    a.budget_s, stage)
+                    budget_left(a), stage)
+
+
+def budget_left(a) -> float:
+    """Seconds from now in which a run may start: ``--budget-s``, and no later than the pause (0: no limit)."""
+    left = min(a.budget_s or math.inf, a.stop_at - time.time() if a.stop_at else math.inf)
+    return 0 if left == math.inf else max(left, 1e-3)
 
 
 def pending_jobs(a, stage) -> list:
-    """The runs of ``stage`` (``jobs``) not made yet."""
-    return [j for j in jobs(a, stage) if not (a.results / f"{run_name(*j)}.json").is_file()]
+    """The runs of ``stage`` (``jobs``) not made yet, the paused ones first (their state holds the disk)."""
+    todo = [j for j in jobs(a, stage) if not (a.results / f"{run_name(*j)}.json").is_file()]
+    return sorted(todo, key=lambda job: not run_folder(a, run_name(*job)).is_dir())
 
 
 def plan(a) -> float:
@@ -587,7 +663,7 @@ def speed(a, t_start: float) -> int:
         done = [r for r in results if r["method"] == method and r["status"] == "ok" and r["seed"] == 0]
         if out.is_file() or not done:
             continue
-        if a.budget_s and time.time() - t_start > a.budget_s:
+        if (a.budget_s and time.time() - t_start > a.budget_s) or (a.stop_at and time.time() > a.stop_at):
             print("budget spent before the speed pass; run again to go on")
             return 3
         solo = argparse.Namespace(**{**vars(for_method(a, method)), "steps": SPEED_WARMUP + a.speed_steps, "evals": 1,
@@ -612,7 +688,7 @@ def run_job(a, work, job) -> None:
     """One run (method, lr, seed), in this process or a worker (``work``: the work folder)."""
     global WORK
     WORK = work
-    run_one(a, *job, study_device(a.device))
+    run_one(a, *job, study_device(a.device), a.stop_at)
 
 
 def rescore(a):
@@ -826,6 +902,10 @@ def parser():
     p.add_argument("--quick", action="store_true", help="tiny model and data, 4 steps per method, on the CPU (CI)")
     p.add_argument("--stage", choices=["sweep", "seeds", "both"], default="both")
     p.add_argument("--budget-s", type=float, default=0, help="start no new run after this many seconds (0: no limit)")
+    p.add_argument("--stop-after-s", type=float, default=0,
+                   help="after this many seconds the runs going pause (their state kept in work/finetune/runs) and "
+                        "the next call goes on with them (0: never; on the GPU machine, leave time for the "
+                        "generations after the last run's training)")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--workers", type=int, default=1,
                    help="runs side by side on the one device, each in a process of its own (wall times then overlap)")
@@ -857,21 +937,30 @@ def parser():
     return p
 
 
-def main(argv=None):
+def quick_settings(a) -> None:
+    """``--quick``: a tiny random Llama, a few questions a task, 4 steps, one lr a method, on the CPU, in a work
+    folder of its own (``QUALITY_WORK``, else a temporary one)."""
     global WORK
+    import tempfile
+
+    WORK = Path(os.environ.get("QUALITY_WORK") or tempfile.mkdtemp(prefix="finetune_rg_")) / "finetune_quick"
+    a.n_train, a.n_val, a.n_test, a.steps, a.batch, a.seq_len = 8, 2, 3, 4, 4, 96
+    a.switch_every, a.evals, a.seeds, a.warmup, a.max_new_tokens = 1, 2, 2, 1, 4
+    a.extend = 0  # one lr a method: no edge to step past (tests/test_quality_sweep.py tests the steps)
+    a.speed_steps = 2
+    a.lr = (a.lr or []) + [f"{m}={LR_GRID[m][1]:g}" for m in METHODS]  # one lr each: the middle one
+    a.device = "cpu" if a.device == "auto" else a.device
+
+
+def main(argv=None):
     a = parser().parse_args(argv)
     if a.workers < 1 or a.speed_steps < 1:
         parser().error(f"--workers and --speed-steps must be at least 1, got {a.workers} and {a.speed_steps}")
+    if a.budget_s < 0 or a.stop_after_s < 0:
+        parser().error(f"--budget-s and --stop-after-s must be 0 or more, got {a.budget_s} and {a.stop_after_s}")
+    a.stop_at = time.time() + a.stop_after_s if a.stop_after_s else None
     if a.quick:
-        import tempfile
-
-        WORK = Path(os.environ.get("QUALITY_WORK") or tempfile.mkdtemp(prefix="finetune_rg_")) / "finetune_quick"
-        a.n_train, a.n_val, a.n_test, a.steps, a.batch, a.seq_len = 8, 2, 3, 4, 4, 96
-        a.switch_every, a.evals, a.seeds, a.warmup, a.max_new_tokens = 1, 2, 2, 1, 4
-        a.extend = 0  # one lr a method: no edge to step past (tests/test_quality_sweep.py tests the steps)
-        a.speed_steps = 2
-        a.lr = (a.lr or []) + [f"{m}={LR_GRID[m][1]:g}" for m in METHODS]  # one lr each: the middle one
-        a.device = "cpu" if a.device == "auto" else a.device
+        quick_settings(a)
     a.results = results_folder(a)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     commands = a.ran + [command_line()]

@@ -63,7 +63,8 @@ import peers  # noqa: E402
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402  (the offline corpus: sources, readers, filters)
 from common import (LLAMA_SHAPES, command_line, device_record, lr_grid, markdown_table, result_path,  # noqa: E402
-                    run_jobs, runs_device, study_device, sweep_jobs, sweep_lrs, write_json, write_result)
+                    resume_pause, run_jobs, runs_device, save_pause, study_device, sweep_jobs, sweep_lrs, write_json,
+                    write_result)
 
 WORK = Path(os.environ.get("QUALITY_WORK", HERE / "work")) / "pretrain"
 
@@ -275,36 +276,9 @@ def train_steps(m, a, lr, train, device, steps, progress=None, on_eval=None, sto
 
 
 # ----------------------------------------------------------------------------------- pausing a run
-# A run that passes the call's deadline (``--stop-after-s``) saves everything it needs to go on exactly
-# where it was (weights, optimizer state, RNG, its progress) and stops; the next call on a machine that is
-# still warm takes it up from there. Where the checkpoint is gone (the machine was given back), it starts
-# again from step 0.
 def checkpoint_path(name) -> Path:
+    """Where a run that paused at the call's deadline waits (``common.save_pause``)."""
     return WORK / "checkpoints" / f"{name}.pt"
-
-
-def save_checkpoint(name, m, progress, device) -> None:
-    path = checkpoint_path(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)
-    torch.save(dict(model=m.module.state_dict(), optimizer=m.optimizer.state_dict(), progress=progress, rng=rng),
-               path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)  # whole or not at all
-
-
-def load_checkpoint(name, m, device):
-    """The paused run's progress, with its weights, optimizer state and RNG put back into ``m``; None if the
-    run has no checkpoint."""
-    path = checkpoint_path(name)
-    if not path.is_file():
-        return None
-    saved = torch.load(path, map_location=device, weights_only=False)  # GaLore's projectors are objects
-    m.module.load_state_dict(saved["model"])
-    m.optimizer.load_state_dict(saved["optimizer"])
-    torch.set_rng_state(saved["rng"]["cpu"])
-    if saved["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(saved["rng"]["cuda"])
-    return saved["progress"]
 
 
 # ----------------------------------------------------------------------------------- one run
@@ -362,7 +336,7 @@ def run_one(a, method, lr, device, train, val, stop_at=None):
 def train_run(a, m, name, lr, device, train, val, stop_at):
     """``--steps`` steps of ``m``, from its checkpoint where it paused before: the progress (losses,
     validation curve, wall time, peak memory over all its calls), or None where it paused again."""
-    progress = load_checkpoint(name, m, device)
+    progress = resume_pause(checkpoint_path(name), m, device)
     if progress is None:
         progress = dict(step=0, losses=[], wall=0.0, peak_mib=None, calls=0,
                         curve=[(0, val_loss(m.module, val, a, device))])
@@ -383,7 +357,7 @@ def train_run(a, m, name, lr, device, train, val, stop_at):
     if device.type == "cuda":
         progress["peak_mib"] = max(progress["peak_mib"] or 0.0, torch.cuda.max_memory_allocated() / 2**20)
     if progress["step"] < a.steps:
-        save_checkpoint(name, m, progress, device)
+        save_pause(checkpoint_path(name), m, progress)
         print(f"  {name} paused at step {progress['step']}/{a.steps} (the call's deadline)", flush=True)
         return None
     return progress
