@@ -159,3 +159,54 @@ def test_peers_that_import_bitsandbytes_leave_no_stub_behind_for_lora():
     code = WITHOUT_BITSANDBYTES.format(benchmarks=str(BENCHMARKS))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def _steps_with_a_pause(name, device, steps=4, pause_after=None, **options):
+    """The losses of ``steps`` steps of peer ``name`` on a tiny Llama; with ``pause_after=k``, the method's
+    state (``Method.state_dict``) goes into a method built afresh after step k, as a paused study run's does."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(BENCHMARKS))
+    import peers
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, max_position_embeddings=64)
+    batches = torch.randint(0, 64, (steps, 2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def build():
+        torch.manual_seed(0)
+        return peers.build(name, LlamaForCausalLM(config).to(device), 1e-2, **options)
+
+    method, losses = build(), []
+    for step in range(steps):
+        if step == pause_after:
+            saved = method.state_dict()
+            method.close()
+            method = build()
+            method.load_state_dict(saved)
+        loss = method.loss(batches[step])
+        method.run_backward(loss)
+        method.clip(1.0)
+        method.run_step()
+        losses.append(float(loss))
+    return losses
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore", "apollo", "lora", "badam"])
+def test_a_peer_put_back_from_its_state_dict_takes_the_same_steps(name):
+    # put back before step 3 of 6: steps 4 and 5 show what step 3's update took from the saved state (BAdam: 2
+    # blocks of 2 steps, in the middle of the second block's visit: its moments and the schedule)
+    options = {"galore": dict(rank=4), "apollo": dict(rank=4), "badam": dict(K=2)}.get(name, {})
+    assert _steps_with_a_pause(name, "cpu", 6, 3, **options) == _steps_with_a_pause(name, "cpu", 6, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["adalomo", "lomo"])  # lomo-optim allocates its states on CUDA
+def test_lomo_optim_put_back_from_its_state_dict_takes_the_same_steps_on_a_gpu(name):
+    assert _steps_with_a_pause(name, "cuda", 6, 3) == _steps_with_a_pause(name, "cuda", 6)
+
+
+def test_badam_official_says_it_cannot_be_put_back():
+    with pytest.raises(ValueError, match="cannot be put back"):
+        _steps_with_a_pause("badam_official", "cpu", pause_after=1, K=1)
