@@ -363,8 +363,9 @@ def badam_args(a, lr, seed, run_dir):
 def badam_finetune(args, stop_at=None, metrics=None, steps=None):
     """``badam-finetune ARGS`` (as ``python -m badam_kernels``, which needs no installed entry point); the command
     as a string, and whether it paused. Past ``stop_at`` (a ``time.time()``), once the job has logged a step to
-    ``metrics`` in this call and has two steps or more to go (so that its loop, not its last save, takes the
-    signal), it gets SIGTERM: it stops after its step and saves a checkpoint (exit 130)."""
+    ``metrics`` in this call and has three steps or more to go, it gets SIGTERM: it stops after the step it is
+    in, or the next if it has passed its check, and saves a checkpoint (exit 130). (With fewer to go, its loop
+    could end first, and the signal reach its last save.)"""
     cmd = [sys.executable, "-m", "badam_kernels", *args]
     # the job's process takes this worker's share of the cores (run_jobs sets it), not every core
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
@@ -377,10 +378,10 @@ def badam_finetune(args, stop_at=None, metrics=None, steps=None):
             break
         except subprocess.TimeoutExpired:  # (communicate again loses no output)
             late = stop_at is not None and time.time() > stop_at
-            if late and not signalled and logged < lines_in(metrics) <= steps - 2:
+            if late and not signalled and logged < lines_in(metrics) <= steps - 3:
                 job.send_signal(signal.SIGTERM)
                 signalled = True
-    if job.returncode not in (0, 130) or (job.returncode == 130) != signalled:
+    if job.returncode not in (0, 130) or (job.returncode == 130 and not signalled):
         raise RuntimeError(f"badam-finetune failed ({job.returncode}): {err[-1500:]}")
     return "badam-finetune " + " ".join(shlex.quote(x) for x in args), job.returncode == 130
 
