@@ -7,6 +7,7 @@ import datetime as _dt
 import functools
 import importlib.metadata
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -180,6 +181,13 @@ def resume_pause(path: Path, method, device: torch.device):
     if saved["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
     return saved["progress"]
+
+
+def start_budget(budget_s: float, stop_at) -> float:
+    """``run_jobs``' budget from now: ``budget_s`` (0: none), and no later than ``stop_at`` (a ``time.time()``
+    when the runs going pause, or None); 0 where neither limits it."""
+    left = min(budget_s or math.inf, stop_at - time.time() if stop_at else math.inf)
+    return 0 if left == math.inf else max(left, 1e-3)
 
 
 def sweep_jobs(grid: dict, methods, lrs_of) -> list:

@@ -105,9 +105,10 @@ def import_peer(module: str):
         return importlib.import_module(module)
     try:
         import bitsandbytes  # noqa: F401
-        return importlib.import_module(module)
     except ImportError:
         pass
+    else:  # (outside the try: an ImportError of the peer itself is its own, not a cue to stub)
+        return importlib.import_module(module)
     before = {name: sys.modules.get(name) for name in _BNB_STUBS}
     sys.modules.update({name: types.ModuleType(name) for name in _BNB_STUBS})
     sys.modules["bitsandbytes.optim.optimizer"].Optimizer2State = object

@@ -150,3 +150,14 @@ def test_pretraining_grid_from_a_smaller_size_centres_on_its_best_lr(tmp_path, m
     assert pretrain_llama.sweep_grid(pretrain_llama.parser().parse_args(["--size", "130m"])) == pretrain_llama.LR_GRID
     with pytest.raises(SystemExit):
         pretrain_llama.main(["run", "--size", "60m", "--grid-from", "60m"])
+
+
+def test_a_run_starts_within_the_budget_and_before_the_pause():
+    import time
+
+    from common import start_budget
+
+    assert start_budget(0, None) == 0 and start_budget(100, None) == 100  # 0: no limit
+    assert start_budget(10, time.time() + 50) == 10
+    assert 49 < start_budget(0, time.time() + 50) <= 50 and 49 < start_budget(100, time.time() + 50) <= 50
+    assert 0 < start_budget(0, time.time() - 5) <= 1e-3  # past the pause: nothing starts (not "no limit")

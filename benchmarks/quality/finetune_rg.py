@@ -52,6 +52,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -65,7 +66,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
 from common import (command_line, device_record, lr_grid, markdown_table, result_path, resume_pause,  # noqa: E402
-                    run_jobs, runs_device, save_pause, study_device, sweep_jobs, sweep_lrs, write_json, write_result)
+                    run_jobs, runs_device, save_pause, start_budget, study_device, sweep_jobs, sweep_lrs, write_json,
+                    write_result)
 
 try:  # the main job's data module (badam_kernels.finetune.data since the layout change; before: .data)
     from badam_kernels.finetune import data as job_data
@@ -387,7 +389,10 @@ def badam_finetune(args, stop_at=None, metrics=None, steps=None):
 
 
 def lines_in(path) -> int:
-    return sum(1 for _ in open(path)) if path is not None and os.path.isfile(path) else 0
+    if path is None or not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for _ in f)
 
 
 def train_badam(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
@@ -395,8 +400,6 @@ def train_badam(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
     (the same token-weighted mean over the answer tokens as ``eval_loss``; tests/test_quality.py checks the
     two agree), and the model comes back from its checkpoint for the generations. A run that paused in an
     earlier call (``pause.json`` in its folder) goes on with ``--resume``; one that pauses now returns None."""
-    import shutil
-
     run_dir = run_folder(a, name or run_name(method, lr, seed))
     pause_file = run_dir / "pause.json"  # the earlier calls of a paused run: its command, their wall and peak
     if pause_file.is_file() and (run_dir / "checkpoint" / "trainer_state.pt").is_file():
@@ -486,10 +489,7 @@ def train_peer(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
     trainable = m.trainable_params()
     info = dict(options, **m.info)
     m.close()
-    if pause_file.parent.is_dir():
-        import shutil
-
-        shutil.rmtree(pause_file.parent)
+    shutil.rmtree(pause_file.parent, ignore_errors=True)  # its paused state, if it had one
     return m.module, tokenizer, dict(losses=progress["losses"], val_loss_curve=progress["curve"],
                                      train_s=sum(progress["step_s"]), peak_mem_mib=peak,
                                      tokens=sum(progress["step_tokens"]), step_s=progress["step_s"],
@@ -614,13 +614,7 @@ def run_stage(a, stage):
     its wall time is marked with ``concurrent_runs``. With ``--stop-after-s`` the runs going then pause and
     no run starts after it."""
     return run_jobs(functools.partial(pending_jobs, a, stage), functools.partial(run_job, a, WORK), a.workers,
-                    budget_left(a), stage)
-
-
-def budget_left(a) -> float:
-    """Seconds from now in which a run may start: ``--budget-s``, and no later than the pause (0: no limit)."""
-    left = min(a.budget_s or math.inf, a.stop_at - time.time() if a.stop_at else math.inf)
-    return 0 if left == math.inf else max(left, 1e-3)
+                    start_budget(a.budget_s, a.stop_at), stage)
 
 
 def pending_jobs(a, stage) -> list:

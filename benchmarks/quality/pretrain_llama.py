@@ -63,8 +63,8 @@ import peers  # noqa: E402
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402  (the offline corpus: sources, readers, filters)
 from common import (LLAMA_SHAPES, command_line, device_record, lr_grid, markdown_table, result_path,  # noqa: E402
-                    resume_pause, run_jobs, runs_device, save_pause, study_device, sweep_jobs, sweep_lrs, write_json,
-                    write_result)
+                    resume_pause, run_jobs, runs_device, save_pause, start_budget, study_device, sweep_jobs, sweep_lrs,
+                    write_json, write_result)
 
 WORK = Path(os.environ.get("QUALITY_WORK", HERE / "work")) / "pretrain"
 
@@ -419,8 +419,7 @@ def run(a):
     ``--stop-after-s``, the runs going at that time pause (``train_run``) and no run starts after it."""
     t_start = time.time()
     stop_at = t_start + a.stop_after_s if a.stop_after_s else None
-    budget_s = min(a.budget_s or math.inf, a.stop_after_s or math.inf)
-    budget_s = 0 if budget_s == math.inf else budget_s
+    budget_s = start_budget(a.budget_s, stop_at)
     rc = run_jobs(lambda: pending(a), functools.partial(run_job, a, WORK, stop_at), a.workers, budget_s, a.size)
     return rc or (speed(a, t_start, budget_s) if a.workers > 1 else 0)
 
