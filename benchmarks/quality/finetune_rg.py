@@ -618,7 +618,8 @@ def run_stage(a, stage):
 
 
 def pending_jobs(a, stage) -> list:
-    """The runs of ``stage`` (``jobs``) not made yet, the paused ones first (their state holds the disk)."""
+    """The runs of ``stage`` (``jobs``) not made yet; first those with a run folder, where a paused run keeps its
+    state on the disk (a BAdam run cut short leaves one too, and starts again)."""
     todo = [j for j in jobs(a, stage) if not (a.results / f"{run_name(*j)}.json").is_file()]
     return sorted(todo, key=lambda job: not run_folder(a, run_name(*job)).is_dir())
 
