@@ -295,8 +295,8 @@ def test_command_line_is_generated_from_the_declared_options():
                                       # speed and evaluation knobs added since (issue 17): they change no math
                                       "config", "fast", "memory_budget", "fused_ce", "grad_checkpointing",
                                       "eval_every",
-                                      # what is profiled changes no math either
-                                      "profile_steps"}
+                                      # what is profiled changes no math either, nor where the process stops
+                                      "profile_steps", "time_limit"}
 
 
 def _write(path, text):
@@ -544,6 +544,31 @@ def test_ranks_agree_to_stop_after_the_same_step(tmp_path):
     mp.spawn(_stop_agreement_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         assert torch.load(tmp_path / f"rank{rank}.pt") == [(1.5, False), (1.5, True)]
+
+
+def test_time_limit_stops_after_the_step_saves_and_is_not_kept_on_resume(tmp_path):
+    """--time-limit 0: the clock is past it after the first step, so the job stops there, saves and exits 130;
+    a --resume without the limit (it is the process', not the run's) trains to the end, and the weights are
+    an uninterrupted run's."""
+    import torch
+
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    assert run_cli("--steps", 3, "--out", whole, *TINY) == 0
+    assert run_cli("--steps", 3, "--out", parted, "--time-limit", 0, *TINY) == 130
+    summary = json.loads((parted / "summary.json").read_text())
+    assert summary["interrupted"] and summary["step"] == 1 == len(read_jsonl(parted / "metrics.jsonl"))
+    assert run_cli("--resume", parted, "--time-limit", 0, "--no-progress") == 130
+    assert len(read_jsonl(parted / "metrics.jsonl")) == 2
+    assert run_cli("--resume", parted, "--no-progress") == 0
+    assert [r["loss"] for r in read_jsonl(parted / "metrics.jsonl")] == [r["loss"] for r in
+                                                                         read_jsonl(whole / "metrics.jsonl")]
+    a, b = (load_file(str(run / "checkpoint" / "model.safetensors")) for run in (whole, parted))
+    assert all(torch.equal(a[k], b[k]) for k in a), "the run stopped by its time limit differs"
+
+
+def test_time_limit_must_not_be_negative(tmp_path, capsys):
+    assert run_cli("--steps", 1, "--out", tmp_path / "run", "--time-limit", -1, *TINY) == 2
+    assert "--time-limit" in capsys.readouterr().err
 
 
 def test_sigterm_stops_after_the_step_and_saves_a_checkpoint_to_resume_from(tmp_path):

@@ -168,6 +168,10 @@ class TrainConfig:
                             resume_may_change=True)
     save_every: int = option(0, "also checkpoint every N steps; 0: only at the end", check=non_negative_int,
                              metavar="N", group="output", resume_may_change=True)
+    time_limit: Optional[float] = option(None, "stop after the step that passes this many seconds of this "
+                                         "process (loading counted), save and exit 130 as Ctrl-C does: for a batch "
+                                         "job's time limit; --resume goes on", check=non_negative_float, none=True,
+                                         metavar="SECONDS", group="output", resume_may_change=True)
     progress: bool = option(True, "a progress bar on stderr, or none with --no-progress", check=boolean,
                             flag="--no-progress", group="output", resume_may_change=True)
     profile_steps: Optional[str] = option(None, "profile optimizer steps A to B (e.g. 40-45) with torch.profiler: the "
@@ -262,6 +266,7 @@ def config_for_resume(cfg: TrainConfig, given: Optional[set]) -> TrainConfig:
     changes["resume"] = run_dir
     changes.setdefault("steps", None)  # not given: run up to the step the saved run was heading to
     changes.setdefault("out", None)  # not given: write into the resumed folder (wherever it is now)
+    changes.setdefault("time_limit", None)  # a limit is the process's (a batch job's), not the run's
     return dataclasses.replace(saved, **changes)
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import signal
 import sys
+import time
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -140,13 +141,20 @@ def gpu_memory_held_mib(device: torch.device) -> Dict[str, Optional[float]]:
 
 class StopFlag:
     """Ctrl-C, or SIGTERM (what a batch scheduler or a preempted machine sends before it kills), asks the
-    loop to stop after the current step and save; a second signal interrupts at once."""
+    loop to stop after the current step and save; a second signal interrupts at once. So does the clock
+    passing ``deadline`` (a ``time.monotonic()``; ``--time-limit``), checked after each step."""
 
     SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
 
-    def __init__(self):
+    def __init__(self, deadline: Optional[float] = None):
         self.set = False
+        self.deadline = deadline
         self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        """Whether to stop after this step: a signal came, or the time is up."""
+        return self.set or (self.deadline is not None and time.monotonic() >= self.deadline)
 
     def __enter__(self):
         if _in_main_thread():

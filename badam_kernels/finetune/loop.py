@@ -105,8 +105,10 @@ def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[s
     ``given``: the option names set explicitly (only matters with ``resume``); ``log``: where the
     text lines go (``print`` by default).
     """
+    started = time.monotonic()  # --time-limit counts the loading too: it is what a batch job's limit counts
     run = build_run(config, given, log)
-    return finish(run, run_loop(run))
+    deadline = None if run.cfg.time_limit is None else started + run.cfg.time_limit
+    return finish(run, run_loop(run, deadline))
 
 
 # ------------------------------------------------------------------------------------ build
@@ -198,9 +200,10 @@ def _announce(run: Run, ckpt_dir: Optional[str]) -> None:
 
 # ------------------------------------------------------------------------------------ loop
 
-def run_loop(run: Run) -> Progress:
+def run_loop(run: Run, deadline: Optional[float] = None) -> Progress:
     """The steps from ``run.start`` to ``run.target``, each a line of ``metrics.jsonl`` written at once;
-    Ctrl-C or SIGTERM (on any rank) stops every rank after the current step."""
+    Ctrl-C or SIGTERM (on any rank), or the clock passing ``deadline`` (a ``time.monotonic()``), stops every
+    rank after the current step."""
     from tqdm.auto import tqdm
 
     cfg, target = run.cfg, run.target
@@ -215,7 +218,7 @@ def run_loop(run: Run) -> Progress:
     # line-buffered: each step's line reaches the disk at once (a step may take seconds on a real model)
     profiler = (StepProfiler.from_config(cfg.profile_steps, run.run_dir, run.device, run.start, target, say)
                 if run.main else None)
-    with StopFlag() as stop, open(metrics_path, "a", encoding="utf-8", buffering=1) as metrics:
+    with StopFlag(deadline) as stop, open(metrics_path, "a", encoding="utf-8", buffering=1) as metrics:
         stopping = False
         while progress.step < target and not stopping:
             if profiler is None:
@@ -250,7 +253,7 @@ def _step(run: Run, progress: Progress, stop: StopFlag):
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    loss, stopping = agree_over_ranks(step_loss, stop.set, run.world)
+    loss, stopping = agree_over_ranks(step_loss, stop.requested, run.world)
     grad_norm = run.optimizer.last_grad_norm
     dt = time.perf_counter() - t0
     progress.step += 1

@@ -53,7 +53,6 @@ import math
 import os
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -362,37 +361,19 @@ def badam_args(a, lr, seed, run_dir):
             "--out", str(run_dir), "--log-every", "1000000", "--no-progress"]
 
 
-def badam_finetune(args, stop_at=None, metrics=None, steps=None):
+def badam_finetune(args, stop_at=None):
     """``badam-finetune ARGS`` (as ``python -m badam_kernels``, which needs no installed entry point); the command
-    as a string, and whether it paused. Past ``stop_at`` (a ``time.time()``), once the job has logged a step to
-    ``metrics`` in this call and has three steps or more to go, it gets SIGTERM: it stops after the step it is
-    in, or the next if it has passed its check, and saves a checkpoint (exit 130). (With fewer to go, its loop
-    could end first, and the signal reach its last save.)"""
-    cmd = [sys.executable, "-m", "badam_kernels", *args]
+    as a string, and whether it paused. With ``stop_at`` (a ``time.time()``) the job gets the seconds left as
+    ``--time-limit``: past them it stops after its step (one step at least), saves a checkpoint and exits 130.
+    The command kept is the run's, without the limit, which belongs to the call."""
+    limit = [] if stop_at is None else ["--time-limit", f"{max(0.0, stop_at - time.time()):.1f}"]
     # the job's process takes this worker's share of the cores (run_jobs sets it), not every core
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    logged = lines_in(metrics) if stop_at is not None else 0
-    signalled = False
-    while True:
-        try:  # past the deadline, look often: the job must be stopped inside its loop
-            _, err = job.communicate(timeout=0.05 if stop_at is not None and time.time() > stop_at else 1.0)
-            break
-        except subprocess.TimeoutExpired:  # (communicate again loses no output)
-            late = stop_at is not None and time.time() > stop_at
-            if late and not signalled and logged < lines_in(metrics) <= steps - 3:
-                job.send_signal(signal.SIGTERM)
-                signalled = True
-    if job.returncode not in (0, 130) or (job.returncode == 130 and not signalled):
-        raise RuntimeError(f"badam-finetune failed ({job.returncode}): {err[-1500:]}")
+    job = subprocess.run([sys.executable, "-m", "badam_kernels", *args, *limit], capture_output=True, text=True,
+                         env=env)
+    if job.returncode not in (0, 130) or (job.returncode == 130 and not limit):
+        raise RuntimeError(f"badam-finetune failed ({job.returncode}): {job.stderr[-1500:]}")
     return "badam-finetune " + " ".join(shlex.quote(x) for x in args), job.returncode == 130
-
-
-def lines_in(path) -> int:
-    if path is None or not os.path.isfile(path):
-        return 0
-    with open(path) as f:
-        return sum(1 for _ in f)
 
 
 def train_badam(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
@@ -404,12 +385,12 @@ def train_badam(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
     pause_file = run_dir / "pause.json"  # the earlier calls of a paused run: its command, their wall and peak
     if pause_file.is_file() and (run_dir / "checkpoint" / "trainer_state.pt").is_file():
         earlier = json.loads(pause_file.read_text())
-        _, paused = badam_finetune(["--resume", str(run_dir)], stop_at, run_dir / "metrics.jsonl", a.steps)
+        _, paused = badam_finetune(["--resume", str(run_dir)], stop_at)
     else:
         shutil.rmtree(run_dir, ignore_errors=True)  # a run cut short leaves a partial folder: start it again
         a.device_type = device.type
         args = badam_args(a, lr, seed, run_dir)
-        command, paused = badam_finetune(args, stop_at, run_dir / "metrics.jsonl", a.steps)
+        command, paused = badam_finetune(args, stop_at)
         earlier = dict(command=command, wall_s=[], peak_mem_mib=[])
     summary = json.loads((run_dir / "summary.json").read_text())
     if paused:
