@@ -557,9 +557,11 @@ def test_time_limit_stops_after_the_step_saves_and_is_not_kept_on_resume(tmp_pat
     assert run_cli("--steps", 3, "--out", parted, "--time-limit", 0, *TINY) == 130
     summary = json.loads((parted / "summary.json").read_text())
     assert summary["interrupted"] and summary["step"] == 1 == len(read_jsonl(parted / "metrics.jsonl"))
+    assert summary["stopped_by"] == "time limit"
     assert run_cli("--resume", parted, "--time-limit", 0, "--no-progress") == 130
     assert len(read_jsonl(parted / "metrics.jsonl")) == 2
     assert run_cli("--resume", parted, "--no-progress") == 0
+    assert json.loads((parted / "summary.json").read_text())["stopped_by"] is None
     assert [r["loss"] for r in read_jsonl(parted / "metrics.jsonl")] == [r["loss"] for r in
                                                                          read_jsonl(whole / "metrics.jsonl")]
     a, b = (load_file(str(run / "checkpoint" / "model.safetensors")) for run in (whole, parted))
@@ -569,6 +571,21 @@ def test_time_limit_stops_after_the_step_saves_and_is_not_kept_on_resume(tmp_pat
 def test_time_limit_must_not_be_negative(tmp_path, capsys):
     assert run_cli("--steps", 1, "--out", tmp_path / "run", "--time-limit", -1, *TINY) == 2
     assert "--time-limit" in capsys.readouterr().err
+
+
+def test_stop_flag_says_what_asked_for_the_stop():
+    """A signal wins over the clock; with neither, the request came from another rank (the agreement)."""
+    import signal
+    import time
+
+    from badam_kernels.finetune.launch import StopFlag
+
+    running, late = StopFlag(), StopFlag(deadline=time.monotonic() - 1.0)
+    assert not running.requested and running.reason == "another rank"
+    assert late.requested and late.reason == "time limit"
+    assert not StopFlag(deadline=time.monotonic() + 3600).requested
+    late._handle(signal.SIGTERM, None)
+    assert late.requested and late.reason == "signal"
 
 
 def test_sigterm_stops_after_the_step_and_saves_a_checkpoint_to_resume_from(tmp_path):
@@ -589,7 +606,7 @@ def test_sigterm_stops_after_the_step_and_saves_a_checkpoint_to_resume_from(tmp_
     assert job.returncode == 130, err[-2000:]
     summary = json.loads((run / "summary.json").read_text())
     steps = len(read_jsonl(metrics))
-    assert summary["interrupted"] and summary["step"] == steps < 100000
+    assert summary["interrupted"] and summary["step"] == steps < 100000 and summary["stopped_by"] == "signal"
     saved = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert saved["step"] == steps and f"--resume {run}" in out + err
     assert run_cli("--resume", run, "--steps", 1, "--no-progress") == 0

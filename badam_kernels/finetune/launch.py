@@ -156,6 +156,14 @@ class StopFlag:
         """Whether to stop after this step: a signal came, or the time is up."""
         return self.set or (self.deadline is not None and time.monotonic() >= self.deadline)
 
+    @property
+    def reason(self) -> str:
+        """What asked this rank to stop: ``"signal"``, ``"time limit"``, or ``"another rank"`` (its signal
+        or its clock, agreed over the ranks)."""
+        if self.set:
+            return "signal"
+        return "time limit" if self.deadline is not None and time.monotonic() >= self.deadline else "another rank"
+
     def __enter__(self):
         if _in_main_thread():
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}

@@ -97,6 +97,7 @@ class Progress:
     losses: List[float] = field(default_factory=list)  # this process' steps
     nonfinite: int = 0
     wall: float = 0.0  # seconds of this process' loop
+    stopped_by: Optional[str] = None  # before the last step: "signal", "time limit" or "another rank"
 
 
 def train(config: TrainConfig, given: Optional[set] = None, log=print) -> Dict[str, Any]:
@@ -238,6 +239,8 @@ def run_loop(run: Run, deadline: Optional[float] = None) -> Progress:
                     f"{record['tokens_per_s']:,.0f} tok/s  peak {peak:,.0f} MiB")
             if run.writes_checkpoint and cfg.save_every and step % cfg.save_every == 0 and step < target:
                 _save(run, progress)
+        if progress.step < target:
+            progress.stopped_by = stop.reason
     if profiler is not None:
         profiler.write()  # a run that stopped inside the range keeps the steps it profiled
     bar.close()
@@ -298,7 +301,7 @@ def finish(run: Run, progress: Progress) -> Dict[str, Any]:
     tail = losses[-10:]
     summary = {
         "run_dir": run_dir, "checkpoint": ckpt, "start_step": run.start, "step": step, "target_step": target,
-        "interrupted": step < target, "first_loss": losses[0] if losses else None, "last_loss": last_loss,
+        "interrupted": step < target, "stopped_by": progress.stopped_by, "first_loss": losses[0] if losses else None, "last_loss": last_loss,
         "mean_loss_last_10": sum(tail) / len(tail) if tail else None, "wall_s": round(wall, 2),
         "tokens_per_s": round((progress.tokens_seen - progress.tokens_before) / wall, 1) if wall else None,
         "peak_mem_mib": round(peak_memory_mib(run.device), 1), **gpu_memory_held_mib(run.device),
@@ -309,7 +312,8 @@ def finish(run: Run, progress: Progress) -> Dict[str, Any]:
     }
     with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
-    note = f" (interrupted: continue with --resume {run_dir})" if summary["interrupted"] else ""
+    why = "at the time limit" if progress.stopped_by == "time limit" else "interrupted"
+    note = f" ({why}: continue with --resume {run_dir})" if summary["interrupted"] else ""
     if progress.nonfinite:
         note += f" ({progress.nonfinite} steps had a non-finite loss and were skipped; try a smaller --lr)"
     losses_text = f"loss {losses[0]:.4f} -> {last_loss:.4f}, " if losses else ""
