@@ -81,6 +81,25 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
+def add_ran_options(parser) -> None:
+    """A study's ``--ran`` and ``--ran-before``: what its report records of the calls that made the runs."""
+    parser.add_argument("--ran", action="append", default=[], metavar="COMMAND",
+                        help="report: a command that made the runs (a GPU call), recorded in the JSON")
+    parser.add_argument("--ran-before", metavar="JSON", help="report: first the calls an earlier report recorded "
+                        "(its commands but its own, the last), for runs added to a study of earlier sessions")
+
+
+def report_commands(args) -> list:
+    """The commands a report records: ``--ran-before``'s calls, the ``--ran`` ones, then this command."""
+    earlier = []
+    if args.ran_before:
+        commands = json.loads(Path(args.ran_before).read_text()).get("commands")
+        if not commands:
+            raise SystemExit(f"--ran-before {args.ran_before}: no commands recorded there")
+        earlier = commands[:-1]
+    return earlier + args.ran + [command_line()]
+
+
 def card_name(device_name: str) -> str:
     """The card in a device name: "NVIDIA H100 80GB HBM3" -> "H100"."""
     return device_name.replace("NVIDIA ", "").split()[0]

@@ -161,3 +161,20 @@ def test_a_run_starts_within_the_budget_and_before_the_pause():
     assert start_budget(10, time.time() + 50) == 10
     assert 49 < start_budget(0, time.time() + 50) <= 50 and 49 < start_budget(100, time.time() + 50) <= 50
     assert 0 < start_budget(0, time.time() - 5) <= 1e-3  # past the pause: nothing starts (not "no limit")
+
+
+def test_a_report_records_the_calls_of_the_report_it_replaces_then_the_new_ones(tmp_path):
+    import argparse
+
+    from common import add_ran_options, report_commands
+
+    parser = argparse.ArgumentParser()
+    add_ran_options(parser)
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"commands": ["call 1", "call 2", "study.py report --ran 'call 1' --ran 'call 2'"]}))
+    commands = report_commands(parser.parse_args(["--ran-before", str(earlier), "--ran", "call 3"]))
+    assert commands[:3] == ["call 1", "call 2", "call 3"] and len(commands) == 4  # then this command
+    assert report_commands(parser.parse_args(["--ran", "call 3"]))[:1] == ["call 3"]
+    earlier.write_text(json.dumps({"what": "no commands"}))
+    with pytest.raises(SystemExit, match="no commands"):
+        report_commands(parser.parse_args(["--ran-before", str(earlier)]))

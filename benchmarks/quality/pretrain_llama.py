@@ -62,9 +62,9 @@ sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402  (the offline corpus: sources, readers, filters)
-from common import (LLAMA_SHAPES, command_line, device_record, lr_grid, markdown_table, result_path,  # noqa: E402
-                    resume_pause, run_jobs, runs_device, save_pause, start_budget, study_device, sweep_jobs, sweep_lrs,
-                    write_json, write_result)
+from common import (LLAMA_SHAPES, add_ran_options, device_record, lr_grid, markdown_table, report_commands,  # noqa: E402
+                    result_path, resume_pause, run_jobs, runs_device, save_pause, start_budget, study_device,
+                    sweep_jobs, sweep_lrs, write_json, write_result)
 
 WORK = Path(os.environ.get("QUALITY_WORK", HERE / "work")) / "pretrain"
 
@@ -598,8 +598,7 @@ def parser():
     p.add_argument("--sources", nargs="+", choices=[s["name"] for s in corpus.SOURCES], help="corpus: only these sources")
     p.add_argument("--tokenizer", help="a folder with SmolLM2's tokenizer (default: finetune_rg.py's model folder)")
     p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokenize: at most this many tokens a part")
-    p.add_argument("--ran", action="append", default=[], metavar="COMMAND",
-                   help="report: a command that made the runs (the GPU calls), recorded in the JSON")
+    add_ran_options(p)
     p.add_argument("--tag", default="")
     return p
 
@@ -640,7 +639,7 @@ def main(argv=None):
         parser().error(f"--grid-from {a.grid_from} is --size itself: name the smaller size whose sweep is done")
     if a.budget_s < 0 or a.stop_after_s < 0:
         parser().error(f"--budget-s and --stop-after-s must be 0 or more, got {a.budget_s} and {a.stop_after_s}")
-    commands = a.ran + [command_line()]
+    commands = report_commands(a)
     if a.quick:
         quick_settings(a)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
