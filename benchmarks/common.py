@@ -202,6 +202,23 @@ def resume_pause(path: Path, method, device: torch.device):
     return saved["progress"]
 
 
+def add_call_options(parser, paused: str) -> None:
+    """A study's limits on one GPU call: ``--budget-s`` and ``--stop-after-s`` (``paused``: what a paused run
+    keeps and where, for the help)."""
+    parser.add_argument("--budget-s", type=float, default=0,
+                        help="start no new run after this many seconds (0: no limit)")
+    parser.add_argument("--stop-after-s", type=float, default=0,
+                        help=f"after this many seconds the runs going pause ({paused}) and the next call goes on with "
+                             "them (0: never; on the GPU machine, inside the call's limit with room for what follows)")
+
+
+def call_deadline(parser, args):
+    """``--stop-after-s`` from now as a ``time.time()`` (None: no pause), once both limits are checked."""
+    if args.budget_s < 0 or args.stop_after_s < 0:
+        parser.error(f"--budget-s and --stop-after-s must be 0 or more, got {args.budget_s} and {args.stop_after_s}")
+    return time.time() + args.stop_after_s if args.stop_after_s else None
+
+
 def start_budget(budget_s: float, stop_at) -> float:
     """``run_jobs``' budget from now: ``budget_s`` (0: none), and no later than ``stop_at`` (a ``time.time()``
     when the runs going pause, or None); 0 where neither limits it."""

@@ -154,7 +154,7 @@ class StopFlag:
     @property
     def requested(self) -> bool:
         """Whether to stop after this step: a signal came, or the time is up."""
-        return self.set or (self.deadline is not None and time.monotonic() >= self.deadline)
+        return self.set or self._time_up()
 
     @property
     def reason(self) -> str:
@@ -162,7 +162,10 @@ class StopFlag:
         or its clock, agreed over the ranks)."""
         if self.set:
             return "signal"
-        return "time limit" if self.deadline is not None and time.monotonic() >= self.deadline else "another rank"
+        return "time limit" if self._time_up() else "another rank"
+
+    def _time_up(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def __enter__(self):
         if _in_main_thread():

@@ -301,7 +301,8 @@ def finish(run: Run, progress: Progress) -> Dict[str, Any]:
     tail = losses[-10:]
     summary = {
         "run_dir": run_dir, "checkpoint": ckpt, "start_step": run.start, "step": step, "target_step": target,
-        "interrupted": step < target, "stopped_by": progress.stopped_by, "first_loss": losses[0] if losses else None, "last_loss": last_loss,
+        "interrupted": step < target, "stopped_by": progress.stopped_by,
+        "first_loss": losses[0] if losses else None, "last_loss": last_loss,
         "mean_loss_last_10": sum(tail) / len(tail) if tail else None, "wall_s": round(wall, 2),
         "tokens_per_s": round((progress.tokens_seen - progress.tokens_before) / wall, 1) if wall else None,
         "peak_mem_mib": round(peak_memory_mib(run.device), 1), **gpu_memory_held_mib(run.device),

@@ -18,7 +18,8 @@
 #   run(command="STEP=pretrain_part bash benchmarks/quality/device_quality.sh", carry=[".whl", "$C/tokens_train.00.u16.xz"])
 #   run(command="STEP=pretrain_part bash benchmarks/quality/device_quality.sh", carry=["$C/tokens_train.01.u16.xz"])   # at once
 #   run(command="STEP=pretrain SIZE=60m PT_ARGS='--workers 3' bash benchmarks/quality/device_quality.sh", timeout_s=590,
-#       carry=["$C/tokens_train.02.u16.xz", "$C/tokens_val.00.u16.xz", "$C/tokens.sha256", "$C/manifest.json"])
+#       carry=["$C/tokens_train.02.u16.xz", "$C/tokens_val.00.u16.xz", "$C/tokens.sha256", "$C/manifest.json",
+#              "benchmarks/quality/work/pretrain/results"])   # the runs made so far: a fresh machine would redo them
 #   run(command="STEP=pretrain SIZE=60m PT_ARGS='--workers 3' bash benchmarks/quality/device_quality.sh", timeout_s=590)  # at once, until done
 # (runs going at PT_STOP=510 s pause and the next call goes on with them, while the machine is warm)
 # (one pretrain_part call a part but the last, which comes with the pretrain step; tokens.sha256 lists the parts.)

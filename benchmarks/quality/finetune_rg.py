@@ -64,9 +64,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
-from common import (add_ran_options, device_record, lr_grid, markdown_table, report_commands, result_path,  # noqa: E402
-                    resume_pause, run_jobs, runs_device, save_pause, start_budget, study_device, sweep_jobs, sweep_lrs,
-                    write_json, write_result)
+from common import (add_call_options, add_ran_options, call_deadline, device_record, lr_grid,  # noqa: E402
+                    markdown_table, report_commands, result_path, resume_pause, run_jobs, runs_device, save_pause,
+                    start_budget, study_device, sweep_jobs, sweep_lrs, write_json, write_result)
 
 try:  # the main job's data module (badam_kernels.finetune.data since the layout change; before: .data)
     from badam_kernels.finetune import data as job_data
@@ -589,13 +589,13 @@ def jobs(a, stage):
     return {"sweep": sweep, "seeds": seeds, "both": sweep + seeds}[stage]
 
 
-def run_stage(a, stage):
+def run_stage(a, stage, budget_s=0.0):
     """The stage's runs not done yet, ``--workers`` at a time: a 135M model's steps are bound by host work,
     so one run leaves the GPU mostly idle; side by side, each run's peak memory stays its own process', and
     its wall time is marked with ``concurrent_runs``. With ``--stop-after-s`` the runs going then pause and
-    no run starts after it."""
+    no run starts after it (``budget_s``: ``common.start_budget``'s, 0: no limit)."""
     return run_jobs(functools.partial(pending_jobs, a, stage), functools.partial(run_job, a, WORK), a.workers,
-                    start_budget(a.budget_s, a.stop_at), stage)
+                    budget_s, stage)
 
 
 def pending_jobs(a, stage) -> list:
@@ -629,7 +629,7 @@ def plan(a) -> float:
     return total
 
 
-def speed(a, t_start: float) -> int:
+def speed(a, t_start: float, budget_s: float) -> int:
     """Each method's tokens/s alone on the device, where the runs shared it (``--workers``): ``--speed-steps``
     steps after ``SPEED_WARMUP`` not timed, at the method's best lr of seed 0, through the trainer its runs
     used (BAdam: ``badam-finetune``); ``results/speed/<method>.json``. 0: done; 3: the budget ran out first."""
@@ -640,7 +640,7 @@ def speed(a, t_start: float) -> int:
         done = [r for r in results if r["method"] == method and r["status"] == "ok" and r["seed"] == 0]
         if out.is_file() or not done:
             continue
-        if (a.budget_s and time.time() - t_start > a.budget_s) or (a.stop_at and time.time() > a.stop_at):
+        if budget_s and time.time() - t_start > budget_s:
             print("budget spent before the speed pass; run again to go on")
             return 3
         solo = argparse.Namespace(**{**vars(for_method(a, method)), "steps": SPEED_WARMUP + a.speed_steps, "evals": 1,
@@ -878,11 +878,7 @@ def parser():
                    help="plan: the runs still to make and their device time alone, where known")
     p.add_argument("--quick", action="store_true", help="tiny model and data, 4 steps per method, on the CPU (CI)")
     p.add_argument("--stage", choices=["sweep", "seeds", "both"], default="both")
-    p.add_argument("--budget-s", type=float, default=0, help="start no new run after this many seconds (0: no limit)")
-    p.add_argument("--stop-after-s", type=float, default=0,
-                   help="after this many seconds the runs going pause (their state kept in work/finetune/runs) and "
-                        "the next call goes on with them (0: never; on the GPU machine, leave time for the "
-                        "generations after the last run's training)")
+    add_call_options(p, "their state kept in work/finetune/runs; the finished runs' generations follow")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--workers", type=int, default=1,
                    help="runs side by side on the one device, each in a process of its own (wall times then overlap)")
@@ -932,9 +928,7 @@ def main(argv=None):
     a = parser().parse_args(argv)
     if a.workers < 1 or a.speed_steps < 1:
         parser().error(f"--workers and --speed-steps must be at least 1, got {a.workers} and {a.speed_steps}")
-    if a.budget_s < 0 or a.stop_after_s < 0:
-        parser().error(f"--budget-s and --stop-after-s must be 0 or more, got {a.budget_s} and {a.stop_after_s}")
-    a.stop_at = time.time() + a.stop_after_s if a.stop_after_s else None
+    a.stop_at = call_deadline(parser(), a)
     if a.quick:
         quick_settings(a)
     a.results = results_folder(a)
@@ -946,12 +940,12 @@ def main(argv=None):
         make_model(a)
     if a.step in ("run", "all"):
         baseline(a)
-        t_start = time.time()
-        rc = run_stage(a, a.stage)
+        t_start, budget_s = time.time(), start_budget(a.budget_s, a.stop_at)
+        rc = run_stage(a, a.stage, budget_s)
         if rc:
             return rc
         if a.workers > 1 and a.stage != "sweep":  # the runs shared the device: time each method alone
-            rc = speed(a, t_start)
+            rc = speed(a, t_start, budget_s)
             if rc:
                 return rc
     if a.step == "plan":

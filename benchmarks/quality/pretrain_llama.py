@@ -62,9 +62,9 @@ sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402  (the offline corpus: sources, readers, filters)
-from common import (LLAMA_SHAPES, add_ran_options, device_record, lr_grid, markdown_table, report_commands,  # noqa: E402
-                    result_path, resume_pause, run_jobs, runs_device, save_pause, start_budget, study_device,
-                    sweep_jobs, sweep_lrs, write_json, write_result)
+from common import (LLAMA_SHAPES, add_call_options, add_ran_options, call_deadline, device_record,  # noqa: E402
+                    lr_grid, markdown_table, report_commands, result_path, resume_pause, run_jobs, runs_device,
+                    save_pause, start_budget, study_device, sweep_jobs, sweep_lrs, write_json, write_result)
 
 WORK = Path(os.environ.get("QUALITY_WORK", HERE / "work")) / "pretrain"
 
@@ -418,9 +418,8 @@ def run(a):
     process' own), then, where runs shared the GPU, each method's tokens/s alone (``speed``). With
     ``--stop-after-s``, the runs going at that time pause (``train_run``) and no run starts after it."""
     t_start = time.time()
-    stop_at = t_start + a.stop_after_s if a.stop_after_s else None
-    budget_s = start_budget(a.budget_s, stop_at)
-    rc = run_jobs(lambda: pending(a), functools.partial(run_job, a, WORK, stop_at), a.workers, budget_s, a.size)
+    budget_s = start_budget(a.budget_s, a.stop_at)
+    rc = run_jobs(lambda: pending(a), functools.partial(run_job, a, WORK, a.stop_at), a.workers, budget_s, a.size)
     return rc or (speed(a, t_start, budget_s) if a.workers > 1 else 0)
 
 
@@ -583,10 +582,7 @@ def parser():
     p.add_argument("--switch-every", type=int, default=10, help="BAdam: steps per block")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--val-windows", type=int, default=512)
-    p.add_argument("--budget-s", type=float, default=0, help="start no new run after this many seconds (0: no limit)")
-    p.add_argument("--stop-after-s", type=float, default=0,
-                   help="after this many seconds the runs going save a checkpoint and stop; the next call goes on "
-                        "from it (0: never; on the GPU machine, a little inside the call's limit)")
+    add_call_options(p, "a checkpoint in work/pretrain/checkpoints")
     p.add_argument("--workers", type=int, default=1,
                    help="runs side by side on the one device, each in a process of its own; tokens/s then comes from a "
                         "solo pass of --speed-steps steps a method")
@@ -637,8 +633,7 @@ def main(argv=None):
         parser().error(f"--workers and --speed-steps must be at least 1, got {a.workers} and {a.speed_steps}")
     if a.grid_from == a.size:
         parser().error(f"--grid-from {a.grid_from} is --size itself: name the smaller size whose sweep is done")
-    if a.budget_s < 0 or a.stop_after_s < 0:
-        parser().error(f"--budget-s and --stop-after-s must be 0 or more, got {a.budget_s} and {a.stop_after_s}")
+    a.stop_at = call_deadline(parser(), a)
     commands = report_commands(a)
     if a.quick:
         quick_settings(a)
