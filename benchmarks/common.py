@@ -74,7 +74,34 @@ def device_record() -> dict:
         record.update(name=props.name, sms=props.multi_processor_count, mem_gib=props.total_memory / 2**30)
     else:
         record["name"] = "cpu"
+    record["machine"] = machine_id()
     return record
+
+
+def machine_id() -> str | None:
+    """The running machine's boot id (Linux; None elsewhere). Lent GPU machines share a card name, and a small
+    model's steps are bound by the host's work, whose speed differs between machines: timings compare only
+    where this id is the same."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def machines_note(devices: dict) -> str:
+    """A line for a table whose timings (method -> the ``device_record`` they were measured with) came from more
+    than one machine, or from machines not recorded; "" where one machine made them all."""
+    ids = {method: (device or {}).get("machine") for method, device in devices.items()}
+    if len(set(ids.values())) == 1 and None not in ids.values():
+        return ""
+    if set(ids.values()) == {None}:
+        return "Timings from passes whose machine was not recorded: they compare only where one pass made them."
+    groups = {}
+    for method, machine in ids.items():
+        groups.setdefault(machine, []).append(method)
+    return (f"Timings from {len(groups)} machines (compare within one): "
+            + "; ".join(f"{machine[:8] if machine else 'not recorded'}: {', '.join(methods)}"
+                        for machine, methods in groups.items()) + ".")
 
 
 def command_line() -> str:

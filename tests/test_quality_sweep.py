@@ -10,7 +10,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 sys.path.insert(0, str(BENCHMARKS / "quality"))
-from common import result_path, runs_device, sweep_lrs  # noqa: E402
+from common import device_record, machines_note, result_path, runs_device, sweep_lrs  # noqa: E402
 
 
 @pytest.mark.parametrize("scores,expected", [
@@ -127,6 +127,17 @@ def test_a_report_of_runs_from_two_kinds_of_gpu_is_named_after_both():
     mixed = runs_device([dict(device=h200), dict(device=h100), dict(device=h200), dict(status="no device")])
     assert mixed["name"] == "NVIDIA H200+H100" and mixed["runs_per_device"] == {"NVIDIA H200": 2, h100["name"]: 1}
     assert result_path("quality_x", "json", mixed).name.startswith("quality_x_h200+h100_")
+
+
+def test_timings_from_more_than_one_machine_are_said_to_be(monkeypatch):
+    # two lent H100s share a name; the boot id tells them apart
+    a, b = dict(name="NVIDIA H100 80GB HBM3", machine="aaaaaaaa-1"), dict(name="NVIDIA H100 80GB HBM3", machine="bbbbbbbb-2")
+    assert machines_note(dict(badam=a, adamw=a)) == ""
+    assert machines_note(dict(badam=a, adamw=a, hift=b)) == "Timings from 2 machines (compare within one): aaaaaaaa: badam, adamw; bbbbbbbb: hift."
+    assert "not recorded: lora" in machines_note(dict(badam=a, lora=dict(name="NVIDIA H100 80GB HBM3")))
+    assert "not recorded" in machines_note(dict(badam=None, adamw={}))  # records older than the machine id
+    boot_id = Path("/proc/sys/kernel/random/boot_id")
+    assert device_record()["machine"] == (boot_id.read_text().strip() if boot_id.is_file() else None)
 
 
 def test_pretraining_grid_from_a_smaller_size_centres_on_its_best_lr(tmp_path, monkeypatch):

@@ -65,7 +65,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
 from common import (add_call_options, add_ran_options, call_deadline, device_record, lr_grid,  # noqa: E402
-                    markdown_table, report_commands, result_path, resume_pause, run_jobs, runs_device, save_pause,
+                    machines_note, markdown_table, report_commands, result_path, resume_pause, run_jobs, runs_device, save_pause,
                     start_budget, study_device, sweep_jobs, sweep_lrs, write_json, write_result)
 
 try:  # the main job's data module (badam_kernels.finetune.data since the layout change; before: .data)
@@ -696,10 +696,11 @@ def speed_record(method):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def solo_speed(method, concurrent_runs, runs_tokens_per_s) -> dict:
-    """Tokens/s of a method on the device alone: its runs' own where they ran alone, else the speed pass's."""
+def solo_speed(method, concurrent_runs, runs_tokens_per_s, runs_device) -> dict:
+    """Tokens/s of a method on the device alone: its runs' own where they ran alone (on ``runs_device``), else
+    the speed pass's."""
     if concurrent_runs == 1:
-        return dict(tokens_per_s=runs_tokens_per_s, source="its runs (alone on the device)")
+        return dict(tokens_per_s=runs_tokens_per_s, source="its runs (alone on the device)", device=runs_device)
     solo = speed_record(method)
     if solo is None:
         return dict(tokens_per_s=None, source=f"not yet measured alone (its runs shared the device, {concurrent_runs} "
@@ -741,7 +742,7 @@ def report(a, commands):
         row["train_s"] = mean_std([r["train_s"] for r in runs])
         row["concurrent_runs"] = max(r.get("concurrent_runs", 1) for r in runs)  # wall times measured side by side
         row["devices"] = sorted({r["device"]["name"] for r in runs if r.get("device")})  # train_s: within a kind
-        row["alone"] = solo_speed(m, row["concurrent_runs"], runs[0]["tokens"] / row["train_s"][0])
+        row["alone"] = solo_speed(m, row["concurrent_runs"], runs[0]["tokens"] / row["train_s"][0], runs[0].get("device"))
         row["tokens"], row["steps"] = runs[0]["tokens"], runs[0]["steps"]
         row["trainable_params"] = runs[0].get("trainable_params", runs[0].get("trainable_params_per_block"))
         row["info"] = runs[0].get("info")
@@ -795,7 +796,10 @@ def markdown(payload) -> str:
     sweep = [[m, f"**{r['lr']:g}**" if payload["chosen_lr"].get(m) == r["lr"] else f"{r['lr']:g}",
               f"{r['val_exact']:.3f}", f"{r['test_exact']:.3f}", f"{r['val_loss']:.3f}", r["device"] or ""]
              for m, runs in payload["sweep"].items() for r in runs]
-    return (markdown_table(header, rows) + "\n\n"
+    timed = {m: r["alone"].get("device") for m, r in payload["methods"].items()
+             if r["status"] == "ok" and r["alone"]["tokens_per_s"]}
+    note = machines_note(timed) if timed else ""
+    return (markdown_table(header, rows) + ("\n\n" + note if note else "") + "\n\n"
             + markdown_table(["method", "lr (seed 0)", "val exact", "held-out exact", "val loss", "card"], sweep))
 
 

@@ -63,7 +63,7 @@ import peers  # noqa: E402
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402  (the offline corpus: sources, readers, filters)
 from common import (LLAMA_SHAPES, add_call_options, add_ran_options, call_deadline, device_record,  # noqa: E402
-                    lr_grid, markdown_table, report_commands, result_path, resume_pause, run_jobs, runs_device,
+                    lr_grid, machines_note, markdown_table, report_commands, result_path, resume_pause, run_jobs, runs_device,
                     save_pause, start_budget, study_device, sweep_jobs, sweep_lrs, write_json, write_result)
 
 WORK = Path(os.environ.get("QUALITY_WORK", HERE / "work")) / "pretrain"
@@ -479,16 +479,17 @@ def report(a, commands):
         best = min(ok, key=lambda r: r["val_ppl"])
         lrs = method_lrs(a, m, results, grid)
         solo = WORK / "results" / f"{a.size}_{m}_speed.json"  # tokens/s alone, where the sweep ran side by side
-        tokens_per_s, speed_from = best["tokens_per_s"], "the run"
+        tokens_per_s, speed_from, speed_device = best["tokens_per_s"], "the run", best.get("device")
         alone = json.loads(solo.read_text()) if solo.is_file() else {}
         if best.get("concurrent_runs", 1) > 1:
             tokens_per_s, speed_from = None, f"not measured alone (the run shared the GPU with {best['concurrent_runs'] - 1} others)"
             if alone:
-                tokens_per_s, speed_from = alone["tokens_per_s"], "a solo pass (speed)"
+                tokens_per_s, speed_from, speed_device = alone["tokens_per_s"], "a solo pass (speed)", alone.get("device")
         table[m] = dict(status="ok", lr=best["lr"], val_ppl=best["val_ppl"], peak_mem_mib=best["peak_mem_mib"],
                         held_mib=alone.get("held_mib"),
                         lr_chosen_on=f"{len(ok)} of {len(lrs)} lrs" + ("" if {r["lr"] for r in mine} >= set(lrs) else " (a partial sweep)"),
-                        tokens_per_s=tokens_per_s, tokens_per_s_from=speed_from, train_s=best["train_s"], tokens=best["tokens"],
+                        tokens_per_s=tokens_per_s, tokens_per_s_from=speed_from, speed_device=speed_device,
+                        train_s=best["train_s"], tokens=best["tokens"],
                         params=best["params"], trainable_params=best["trainable_params"], info=best["info"],
                         device=(best.get("device") or {}).get("name"),
                         val_loss_curve=best["val_loss_curve"], losses=best["losses"])
@@ -529,8 +530,10 @@ def markdown(payload) -> str:
         rows.append([m, f"{r['lr']:g}", f"{r['val_ppl']:.2f}", f"{(r['peak_mem_mib'] or 0) / 1024:.2f} GiB",
                      "not measured" if held is None else f"{held / 1024:.2f} GiB",
                      f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "not measured", swept, r["device"] or ""])
+    timed = {m: r.get("speed_device") for m, r in payload["methods"].items() if r["status"] == "ok" and r["tokens_per_s"]}
+    note = machines_note(timed) if timed else ""
     return markdown_table(["method", "lr", "val perplexity", "peak", "held between steps", "tokens/s alone",
-                           "sweep (lr: perplexity)", "card"], rows)
+                           "sweep (lr: perplexity)", "card"], rows) + ("\n\n" + note if note else "")
 
 
 def plot(path, payload):
