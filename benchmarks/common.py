@@ -45,10 +45,11 @@ LLAMA_SHAPES = {
 }
 
 
-def layer_shapes(shape: str = "8b") -> dict:
-    """The weight shapes of one decoder layer of ``LLAMA_SHAPES[shape]``, by parameter name in the layer
-    (``self_attn.q_proj.weight``...; the two norms last, as Hugging Face orders them)."""
-    s = LLAMA_SHAPES[shape]
+def layer_shapes(shape: str | dict = "8b") -> dict:
+    """The weight shapes of one decoder layer of ``LLAMA_SHAPES[shape]`` (or of a shape given as such a dict),
+    by parameter name in the layer (``self_attn.q_proj.weight``...; the two norms last, as Hugging Face orders
+    them)."""
+    s = LLAMA_SHAPES[shape] if isinstance(shape, str) else shape
     hidden, inter = s["hidden_size"], s["intermediate_size"]
     kv = hidden // s["num_attention_heads"] * s["num_key_value_heads"]
     return {"self_attn.q_proj.weight": (hidden, hidden), "self_attn.k_proj.weight": (kv, hidden),
@@ -237,6 +238,25 @@ def add_call_options(parser, paused: str) -> None:
     parser.add_argument("--stop-after-s", type=float, default=0,
                         help=f"after this many seconds the runs going pause ({paused}) and the next call goes on with "
                              "them (0: never; on the GPU machine, inside the call's limit with room for what follows)")
+
+
+def add_speed_options(parser, when: str) -> None:
+    """A study's solo speed pass (``when``: when it runs, for the help): ``--speed-steps``, ``--speed-again``."""
+    parser.add_argument("--speed-steps", type=int, default=50,
+                        help=f"timed steps a method in the solo speed pass ({when})")
+    parser.add_argument("--speed-again", action="store_true",
+                        help="time again the methods whose speed record another machine made (or one from before "
+                             "records named their machine), so that one machine times them all: tokens/s compare "
+                             "within one")
+
+
+def to_time(path: Path, again: bool) -> bool:
+    """Whether a speed pass times a method into ``path``: no record there yet, or with ``again`` (``--speed-again``)
+    one another machine made; a pass cut short goes on, on the same machine, where it stopped."""
+    if not path.is_file():
+        return True
+    machine = (json.loads(path.read_text()).get("device") or {}).get("machine")
+    return again and (machine is None or machine != machine_id())
 
 
 def call_deadline(parser, args):

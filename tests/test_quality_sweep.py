@@ -10,7 +10,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 sys.path.insert(0, str(BENCHMARKS / "quality"))
-from common import device_record, machines_note, result_path, runs_device, sweep_lrs  # noqa: E402
+from common import device_record, machine_id, machines_note, result_path, runs_device, sweep_lrs, to_time  # noqa: E402
 
 
 @pytest.mark.parametrize("scores,expected", [
@@ -119,6 +119,27 @@ def test_pretrain_llama_steps_past_the_edge_with_the_lowest_perplexity(tmp_path,
     assert pretrain_llama.pending(a) == [("adamw", 0.018)]  # adamw's best is its top edge; galore's is inside
 
 
+def test_pretraining_plan_prices_a_larger_size_by_a_smaller_ones_speed(tmp_path, monkeypatch, capsys):
+    import pretrain_llama
+
+    # a token's matmul weights at 60M: 8 layers of q, k, v, o (512 x 512) and the MLP (3 x 512 x 1376), the head
+    assert pretrain_llama.matmul_params("60m") == 8 * (4 * 512 * 512 + 3 * 512 * 1376) + 512 * 49152
+    results = tmp_path / "pretrain" / "results"
+    results.mkdir(parents=True)
+    monkeypatch.setattr(pretrain_llama, "WORK", tmp_path / "pretrain")
+    (results / "60m_adamw_speed.json").write_text(json.dumps(dict(tokens_per_s=300_000.0)))
+    a = Namespace(size="130m", lr=["adamw=1e-3", "galore=3e-3"], methods=["adamw", "galore"], extend=2, grid_from=None,
+                  steps=1200, batch=64, seq=256)
+    ratio = pretrain_llama.matmul_params("60m") / pretrain_llama.matmul_params("130m")
+    expected = 1200 * 64 * 256 / (300_000.0 * ratio)
+    assert pretrain_llama.plan(a) == pytest.approx(expected)  # galore: no speed at any size, not counted
+    out = capsys.readouterr().out
+    assert f"130m_adamw_lr0.001: 19.7M tokens, about {expected:.0f} s alone (60m's speed pass x {ratio:.2f})" in out
+    assert "130m_galore_lr0.003: its speed not yet measured at any size" in out
+    (results / "130m_adamw_speed.json").write_text(json.dumps(dict(tokens_per_s=100_000.0)))  # its own size's, first
+    assert pretrain_llama.plan(a) == pytest.approx(1200 * 64 * 256 / 100_000.0)
+
+
 def test_a_report_of_runs_from_two_kinds_of_gpu_is_named_after_both():
     h200 = dict(name="NVIDIA H200", mem_gib=139.8)
     h100 = dict(name="NVIDIA H100 80GB HBM3", mem_gib=79.2)
@@ -138,6 +159,20 @@ def test_timings_from_more_than_one_machine_are_said_to_be(monkeypatch):
     assert "not recorded" in machines_note(dict(badam=None, adamw={}))  # records older than the machine id
     boot_id = Path("/proc/sys/kernel/random/boot_id")
     assert device_record()["machine"] == (boot_id.read_text().strip() if boot_id.is_file() else None)
+
+
+def test_speed_again_times_what_another_machine_timed_and_keeps_this_ones(tmp_path):
+    def record(name, machine):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(dict(tokens_per_s=1.0, device=dict(name="NVIDIA H100 80GB HBM3", machine=machine))))
+        return path
+
+    here, elsewhere, unnamed = record("here", machine_id()), record("elsewhere", "another-boot-id"), record("old", None)
+    assert to_time(tmp_path / "none.json", again=False) and to_time(tmp_path / "none.json", again=True)
+    assert not any(to_time(p, again=False) for p in (here, elsewhere, unnamed))  # a record is kept by default
+    assert to_time(elsewhere, again=True) and to_time(unnamed, again=True)
+    # this machine's record stays (a pass cut short goes on where it stopped); where no boot id exists, none is
+    assert to_time(here, again=True) == (machine_id() is None)
 
 
 def test_pretraining_grid_from_a_smaller_size_centres_on_its_best_lr(tmp_path, monkeypatch):

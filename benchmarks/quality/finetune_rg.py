@@ -64,9 +64,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
-from common import (add_call_options, add_ran_options, call_deadline, device_record, lr_grid,  # noqa: E402
-                    machines_note, markdown_table, report_commands, result_path, resume_pause, run_jobs, runs_device, save_pause,
-                    start_budget, study_device, sweep_jobs, sweep_lrs, write_json, write_result)
+from common import (add_call_options, add_ran_options, add_speed_options, call_deadline, device_record,  # noqa: E402
+                    lr_grid, machines_note, markdown_table, report_commands, result_path, resume_pause, run_jobs,
+                    runs_device, save_pause, start_budget, study_device, sweep_jobs, sweep_lrs, to_time, write_json,
+                    write_result)
 
 try:  # the main job's data module (badam_kernels.finetune.data since the layout change; before: .data)
     from badam_kernels.finetune import data as job_data
@@ -638,7 +639,7 @@ def speed(a, t_start: float, budget_s: float) -> int:
     for method in a.methods:
         out = speed_file(method)
         done = [r for r in results if r["method"] == method and r["status"] == "ok" and r["seed"] == 0]
-        if out.is_file() or not done:
+        if not done or not to_time(out, a.speed_again):
             continue
         if budget_s and time.time() - t_start > budget_s:
             print("budget spent before the speed pass; run again to go on")
@@ -886,8 +887,7 @@ def parser():
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--workers", type=int, default=1,
                    help="runs side by side on the one device, each in a process of its own (wall times then overlap)")
-    p.add_argument("--speed-steps", type=int, default=50,
-                   help="with --workers: each method timed alone after the seeds, this many steps")
+    add_speed_options(p, "with --workers, after the seeds")
     p.add_argument("--lr", nargs="*", metavar="METHOD=LR,LR,...", help="replace a method's lr grid")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--extend", type=int, default=2,

@@ -62,9 +62,11 @@ sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402  (the offline corpus: sources, readers, filters)
-from common import (LLAMA_SHAPES, add_call_options, add_ran_options, call_deadline, device_record,  # noqa: E402
-                    lr_grid, machines_note, markdown_table, report_commands, result_path, resume_pause, run_jobs, runs_device,
-                    save_pause, start_budget, study_device, sweep_jobs, sweep_lrs, write_json, write_result)
+from common import (LLAMA_SHAPES, add_call_options, add_ran_options, add_speed_options,  # noqa: E402
+                    call_deadline, device_record, layer_shapes, lr_grid, machines_note, markdown_table,
+                    report_commands,
+                    result_path, resume_pause, run_jobs, runs_device, save_pause, start_budget, study_device,
+                    sweep_jobs, sweep_lrs, to_time, write_json, write_result)
 
 WORK = Path(os.environ.get("QUALITY_WORK", HERE / "work")) / "pretrain"
 
@@ -423,6 +425,45 @@ def run(a):
     return rc or (speed(a, t_start, budget_s) if a.workers > 1 else 0)
 
 
+def matmul_params(size) -> int:
+    """The weights a token's forward multiplies by: every layer's projections and the LM head (the embedding is a
+    lookup). A token's FLOPs are about 6 times that, attention's own aside: how a size's steps compare."""
+    shape = SHAPES[size]
+    layer = sum(math.prod(dims) for dims in layer_shapes(shape).values() if len(dims) == 2)
+    return shape["num_hidden_layers"] * layer + shape["hidden_size"] * shape["vocab_size"]
+
+
+def speed_alone(a, method):
+    """``method``'s tokens/s alone at ``--size`` and where it comes from: this size's speed pass, else another
+    size's scaled by their FLOPs a token (``matmul_params``; the ranks, and so the projections' overhead, differ
+    too: an estimate); (None, None) where no size has one."""
+    for size in [a.size] + [s for s in SHAPES if s != a.size]:
+        path = WORK / "results" / f"{size}_{method}_speed.json"
+        if path.is_file():
+            ratio = matmul_params(size) / matmul_params(a.size)
+            where = "its speed pass" if size == a.size else f"{size}'s speed pass x {ratio:.2f}"
+            return json.loads(path.read_text())["tokens_per_s"] * ratio, where
+    return None, None
+
+
+def plan(a) -> float:
+    """Print the sweep's runs still to make (``pending``), each with its training time alone (its tokens at
+    ``speed_alone``), and return the total of the known ones: to size the GPU calls. The GPU bounds these steps,
+    so three runs side by side take about as long in all. A step out of a grid that depends on runs not made
+    yet is not listed: plan again after them."""
+    tokens, total = a.steps * a.batch * a.seq, 0.0
+    for method, lr in pending(a):
+        tokens_per_s, where = speed_alone(a, method)
+        if tokens_per_s is None:
+            print(f"  {run_name(a, method, lr)}: its speed not yet measured at any size")
+            continue
+        total += tokens / tokens_per_s
+        print(f"  {run_name(a, method, lr)}: {tokens / 1e6:.1f}M tokens, about {tokens / tokens_per_s:.0f} s alone "
+              f"({where})")
+    print(f"known: about {total:.0f} s of device time in all (runs side by side share the GPU: about as long)")
+    return total
+
+
 def speed(a, t_start, budget_s):
     """Each method's tokens/s alone on the device (``--speed-steps`` steps at its chosen lr after 5 not timed),
     for sweeps run side by side: ``<size>_<method>_speed.json``."""
@@ -431,7 +472,7 @@ def speed(a, t_start, budget_s):
     for method in a.methods:
         out = WORK / "results" / f"{a.size}_{method}_speed.json"
         ok = [r for r in results if r["method"] == method and r["status"] == "ok"]
-        if out.is_file() or not ok:
+        if not ok or not to_time(out, a.speed_again):
             continue
         if budget_s and time.time() - t_start > budget_s:
             print("budget spent before the speed pass; run again to go on")
@@ -572,7 +613,8 @@ def plot(path, payload):
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("step", nargs="?", choices=["corpus", "tokenize", "run", "report", "all"], default="all")
+    p.add_argument("step", nargs="?", choices=["corpus", "tokenize", "run", "report", "plan", "all"], default="all",
+                   help="plan: the sweep's runs still to make and their device time, where a speed pass gives it")
     p.add_argument("--quick", action="store_true", help="tiny model on the shipped Shakespeare bytes, 3 steps a method")
     p.add_argument("--size", default="60m", choices=sorted(SHAPES))
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
@@ -589,7 +631,7 @@ def parser():
     p.add_argument("--workers", type=int, default=1,
                    help="runs side by side on the one device, each in a process of its own; tokens/s then comes from a "
                         "solo pass of --speed-steps steps a method")
-    p.add_argument("--speed-steps", type=int, default=50, help="timed steps a method in the solo speed pass")
+    add_speed_options(p, "with --workers, after the sweep")
     p.add_argument("--extend", type=int, default=2,
                    help="steps of x3 a sweep takes past a grid edge whose lr is best (0: the grid only)")
     p.add_argument("--device", default="auto")
@@ -649,6 +691,8 @@ def main(argv=None):
         rc = run(a)
         if rc:
             return rc
+    if a.step == "plan":
+        plan(a)
     if a.step in ("report", "all"):
         report(a, commands)
     return 0
