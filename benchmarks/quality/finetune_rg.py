@@ -778,6 +778,13 @@ def report(a, commands):
     return path
 
 
+def speed_note(payload) -> str:
+    """``machines_note`` for the methods' tokens/s alone (the table's last column, the figure's last panel)."""
+    timed = {m: r["alone"].get("device") for m, r in payload["methods"].items()
+             if r["status"] == "ok" and r["alone"]["tokens_per_s"]}
+    return machines_note(timed) if timed else ""
+
+
 def markdown(payload) -> str:
     """The report's two tables as Markdown, for the READMEs: each method at its chosen lr over the seeds, then
     every lr of the sweep at seed 0 with the card it ran on."""
@@ -797,9 +804,7 @@ def markdown(payload) -> str:
     sweep = [[m, f"**{r['lr']:g}**" if payload["chosen_lr"].get(m) == r["lr"] else f"{r['lr']:g}",
               f"{r['val_exact']:.3f}", f"{r['test_exact']:.3f}", f"{r['val_loss']:.3f}", r["device"] or ""]
              for m, runs in payload["sweep"].items() for r in runs]
-    timed = {m: r["alone"].get("device") for m, r in payload["methods"].items()
-             if r["status"] == "ok" and r["alone"]["tokens_per_s"]}
-    note = machines_note(timed) if timed else ""
+    note = speed_note(payload)
     return (markdown_table(header, rows) + ("\n\n" + note if note else "") + "\n\n"
             + markdown_table(["method", "lr (seed 0)", "val exact", "held-out exact", "val loss", "card"], sweep))
 
@@ -850,6 +855,8 @@ def plot(path, payload):
             d.errorbar(seconds, mean, yerr=std, fmt="o", color=color[i % 20], capsize=3)
             d.annotate(m, (seconds, mean), fontsize=8, xytext=(4, 4), textcoords="offset points")
     d.set_xlabel("GPU time of a run alone (s: its tokens at the method's tokens/s alone)")
+    if speed_note(payload):
+        d.set_title(speed_note(payload), fontsize=8, wrap=True)
     d.set_ylabel("held-out exact accuracy")
     fig.suptitle("SmolLM2-135M-Instruct on reasoning-gym: " + ", ".join(TASKS))
     fig.tight_layout()
