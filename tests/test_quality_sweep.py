@@ -84,6 +84,9 @@ def test_plan_prices_the_runs_left_by_each_methods_speed_alone(tmp_path, monkeyp
     assert finetune_rg.plan(a) == pytest.approx(20 + 3 * 233 * 10 / 200)
     out = capsys.readouterr().out
     assert "adamw_lr3e-05_s1: 100 steps, training about 20 s alone" in out and "(at badam's speed)" in out
+    _result(results, "adamw", 3e-5, 1, 0.3)  # adamw's runs all made: nothing left of it, and the plan says so
+    a.methods = ["adamw"]
+    assert finetune_rg.plan(a) == 0.0 and "no runs left to make (stage both, methods adamw)" in capsys.readouterr().out
 
 
 def test_failed_runs_count_as_done_and_rank_last(tmp_path, monkeypatch):
@@ -138,6 +141,12 @@ def test_pretraining_plan_prices_a_larger_size_by_a_smaller_ones_speed(tmp_path,
     assert "130m_galore_lr0.003: its speed not yet measured at any size" in out
     (results / "130m_adamw_speed.json").write_text(json.dumps(dict(tokens_per_s=100_000.0)))  # its own size's, first
     assert pretrain_llama.plan(a) == pytest.approx(1200 * 64 * 256 / 100_000.0)
+    a.extend = 0  # the grid only: once its runs are made, nothing is left, and the plan says so
+    for method, lr in (("adamw", 1e-3), ("galore", 3e-3)):
+        (results / f"130m_{method}_lr{lr:g}.json").write_text(
+            json.dumps(dict(size="130m", method=method, lr=lr, status="ok", val_ppl=50.0)))
+    capsys.readouterr()
+    assert pretrain_llama.plan(a) == 0.0 and "no runs left to make at 130m" in capsys.readouterr().out
 
 
 def test_a_report_of_runs_from_two_kinds_of_gpu_is_named_after_both():

@@ -626,7 +626,10 @@ def plan(a) -> float:
                   + ("" if timed == method else f" (at {timed}'s speed)"))
         else:
             print(f"  {run_name(method, lr, seed)}: {steps} steps, its speed not yet measured")
-    print(f"known: about {total:.0f} s of device time alone (runs side by side take less in all)")
+    if not pending_jobs(a, a.stage):
+        print(f"no runs left to make (stage {a.stage}, methods {' '.join(a.methods)})")
+    else:
+        print(f"known: about {total:.0f} s of device time alone (runs side by side take less in all)")
     return total
 
 

@@ -451,8 +451,10 @@ def plan(a) -> float:
     ``speed_alone``), and return the total of the known ones: to size the GPU calls. The GPU bounds these steps,
     so three runs side by side take about as long in all. A step out of a grid that depends on runs not made
     yet is not listed: plan again after them."""
-    tokens, total = a.steps * a.batch * a.seq, 0.0
-    for method, lr in pending(a):
+    tokens, total, todo = a.steps * a.batch * a.seq, 0.0, pending(a)
+    if not todo:
+        print(f"no runs left to make at {a.size} (methods {' '.join(a.methods)})")
+    for method, lr in todo:
         tokens_per_s, where = speed_alone(a, method)
         if tokens_per_s is None:
             print(f"  {run_name(a, method, lr)}: its speed not yet measured at any size")
@@ -460,7 +462,8 @@ def plan(a) -> float:
         total += tokens / tokens_per_s
         print(f"  {run_name(a, method, lr)}: {tokens / 1e6:.1f}M tokens, about {tokens / tokens_per_s:.0f} s alone "
               f"({where})")
-    print(f"known: about {total:.0f} s of device time in all (runs side by side share the GPU: about as long)")
+    if todo:
+        print(f"known: about {total:.0f} s of device time in all (runs side by side share the GPU: about as long)")
     return total
 
 
