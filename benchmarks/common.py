@@ -91,9 +91,9 @@ def machine_id() -> str | None:
 
 def machines_note(devices: dict) -> str:
     """A line for a table whose timings (method -> the ``device_record`` they were measured with) came from more
-    than one machine, or from machines not recorded; "" where one machine made them all."""
+    than one machine, or from machines not recorded; "" where one machine made them all, or there are none."""
     ids = {method: (device or {}).get("machine") for method, device in devices.items()}
-    if len(set(ids.values())) == 1 and None not in ids.values():
+    if not ids or (len(set(ids.values())) == 1 and None not in ids.values()):
         return ""
     if set(ids.values()) == {None}:
         return "Timings from passes whose machine was not recorded: they compare only where one pass made them."

@@ -166,6 +166,7 @@ def test_timings_from_more_than_one_machine_are_said_to_be(monkeypatch):
     assert machines_note(dict(badam=a, adamw=a, hift=b)) == "Timings from 2 machines (compare within one): aaaaaaaa: badam, adamw; bbbbbbbb: hift."
     assert "not recorded: lora" in machines_note(dict(badam=a, lora=dict(name="NVIDIA H100 80GB HBM3")))
     assert "not recorded" in machines_note(dict(badam=None, adamw={}))  # records older than the machine id
+    assert machines_note({}) == ""  # nothing timed: nothing to say
     boot_id = Path("/proc/sys/kernel/random/boot_id")
     assert device_record()["machine"] == (boot_id.read_text().strip() if boot_id.is_file() else None)
 

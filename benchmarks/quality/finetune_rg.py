@@ -613,8 +613,8 @@ def plan(a) -> float:
     first = argparse.Namespace(**{**vars(a), "results": WORK / "results"})  # a new length: the first study's runs
     done = [r for r in load_results(a) + load_results(first) if r.get("status") == "ok"]
     per_step = done[0]["tokens"] / done[0]["steps"] if done else None  # the same batches for every method
-    total = 0.0
-    for method, lr, seed in pending_jobs(a, a.stage):
+    total, todo = 0.0, pending_jobs(a, a.stage)
+    for method, lr, seed in todo:
         steps = for_method(a, method).steps
         # a BAdam variant not yet timed: BAdam's speed, a step of the same job
         timed = "badam" if speed_record(method) is None and method in BADAM_VARIANTS else method
@@ -626,7 +626,7 @@ def plan(a) -> float:
                   + ("" if timed == method else f" (at {timed}'s speed)"))
         else:
             print(f"  {run_name(method, lr, seed)}: {steps} steps, its speed not yet measured")
-    if not pending_jobs(a, a.stage):
+    if not todo:
         print(f"no runs left to make (stage {a.stage}, methods {' '.join(a.methods)})")
     else:
         print(f"known: about {total:.0f} s of device time alone (runs side by side take less in all)")
@@ -785,7 +785,7 @@ def speed_note(payload) -> str:
     """``machines_note`` for the methods' tokens/s alone (the table's last column, the figure's last panel)."""
     timed = {m: r["alone"].get("device") for m, r in payload["methods"].items()
              if r["status"] == "ok" and r["alone"]["tokens_per_s"]}
-    return machines_note(timed) if timed else ""
+    return machines_note(timed)
 
 
 def markdown(payload) -> str:
@@ -858,8 +858,9 @@ def plot(path, payload):
             d.errorbar(seconds, mean, yerr=std, fmt="o", color=color[i % 20], capsize=3)
             d.annotate(m, (seconds, mean), fontsize=8, xytext=(4, 4), textcoords="offset points")
     d.set_xlabel("GPU time of a run alone (s: its tokens at the method's tokens/s alone)")
-    if speed_note(payload):
-        d.set_title(speed_note(payload), fontsize=8, wrap=True)
+    note = speed_note(payload)
+    if note:
+        d.set_title(note, fontsize=8, wrap=True)
     d.set_ylabel("held-out exact accuracy")
     fig.suptitle("SmolLM2-135M-Instruct on reasoning-gym: " + ", ".join(TASKS))
     fig.tight_layout()

@@ -64,9 +64,8 @@ sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402  (the offline corpus: sources, readers, filters)
 from common import (LLAMA_SHAPES, add_call_options, add_ran_options, add_speed_options,  # noqa: E402
                     call_deadline, device_record, layer_shapes, lr_grid, machines_note, markdown_table,
-                    report_commands,
-                    result_path, resume_pause, run_jobs, runs_device, save_pause, start_budget, study_device,
-                    sweep_jobs, sweep_lrs, to_time, write_json, write_result)
+                    report_commands, result_path, resume_pause, run_jobs, runs_device, save_pause, start_budget,
+                    study_device, sweep_jobs, sweep_lrs, to_time, write_json, write_result)
 
 WORK = Path(os.environ.get("QUALITY_WORK", HERE / "work")) / "pretrain"
 
@@ -278,6 +277,11 @@ def train_steps(m, a, lr, train, device, steps, progress=None, on_eval=None, sto
 
 
 # ----------------------------------------------------------------------------------- pausing a run
+def speed_path(size, method) -> Path:
+    """A method's solo speed pass at ``size`` (``speed``)."""
+    return WORK / "results" / f"{size}_{method}_speed.json"
+
+
 def checkpoint_path(name) -> Path:
     """Where a run that paused at the call's deadline waits (``common.save_pause``)."""
     return WORK / "checkpoints" / f"{name}.pt"
@@ -438,7 +442,7 @@ def speed_alone(a, method):
     size's scaled by their FLOPs a token (``matmul_params``; the ranks, and so the projections' overhead, differ
     too: an estimate); (None, None) where no size has one."""
     for size in [a.size] + [s for s in SHAPES if s != a.size]:
-        path = WORK / "results" / f"{size}_{method}_speed.json"
+        path = speed_path(size, method)
         if path.is_file():
             ratio = matmul_params(size) / matmul_params(a.size)
             where = "its speed pass" if size == a.size else f"{size}'s speed pass x {ratio:.2f}"
@@ -473,7 +477,7 @@ def speed(a, t_start, budget_s):
     device = study_device(a.device)
     train, results = load_tokens("train"), load_results(a)
     for method in a.methods:
-        out = WORK / "results" / f"{a.size}_{method}_speed.json"
+        out = speed_path(a.size, method)
         ok = [r for r in results if r["method"] == method and r["status"] == "ok"]
         if not ok or not to_time(out, a.speed_again):
             continue
@@ -522,7 +526,7 @@ def report(a, commands):
             continue
         best = min(ok, key=lambda r: r["val_ppl"])
         lrs = method_lrs(a, m, results, grid)
-        solo = WORK / "results" / f"{a.size}_{m}_speed.json"  # tokens/s alone, where the sweep ran side by side
+        solo = speed_path(a.size, m)  # tokens/s alone, where the sweep ran side by side
         tokens_per_s, speed_from, speed_device = best["tokens_per_s"], "the run", best.get("device")
         alone = json.loads(solo.read_text()) if solo.is_file() else {}
         if best.get("concurrent_runs", 1) > 1:
@@ -574,8 +578,8 @@ def markdown(payload) -> str:
         rows.append([m, f"{r['lr']:g}", f"{r['val_ppl']:.2f}", f"{(r['peak_mem_mib'] or 0) / 1024:.2f} GiB",
                      "not measured" if held is None else f"{held / 1024:.2f} GiB",
                      f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "not measured", swept, r["device"] or ""])
-    timed = {m: r.get("speed_device") for m, r in payload["methods"].items() if r["status"] == "ok" and r["tokens_per_s"]}
-    note = machines_note(timed) if timed else ""
+    note = machines_note({m: r.get("speed_device") for m, r in payload["methods"].items()
+                          if r["status"] == "ok" and r["tokens_per_s"]})
     return markdown_table(["method", "lr", "val perplexity", "peak", "held between steps", "tokens/s alone",
                            "sweep (lr: perplexity)", "card"], rows) + ("\n\n" + note if note else "")
 
