@@ -50,8 +50,10 @@ pack() {  # into a temporary file first: a call cut short mid-pack still returns
   tar cf "$OUT/.quality_work.tar" --exclude=runs --exclude=model --exclude=corpus --exclude=data --exclude=gguf_parts --exclude=checkpoints -C benchmarks/quality work \
     2>/dev/null && mv "$OUT/.quality_work.tar" "$OUT/quality_work.tar"
 }
-# every minute too: a call killed at its time limit (SIGKILL runs no trap) still returns the runs finished by then
-( while sleep 60; do pack; done ) &
+# every minute too: a call killed at its time limit (SIGKILL runs no trap) still returns the runs finished by then;
+# its output goes nowhere, so that its last sleep, left behind by the kill below, holds no pipe of the call open
+# (the call would wait up to 60 s for it to end)
+( while sleep 60; do pack; done ) >/dev/null 2>&1 &
 PACKER=$!
 trap 'kill $PACKER 2>/dev/null; pack' EXIT
 date -u
