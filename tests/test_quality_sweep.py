@@ -72,7 +72,7 @@ def test_plan_prices_the_runs_left_by_each_methods_speed_alone(tmp_path, monkeyp
     (results / "speed").mkdir(parents=True)
     monkeypatch.setattr(finetune_rg, "WORK", tmp_path / "finetune")
     a = Namespace(lr=["adamw=1e-5,3e-5,1e-4", "badam_time=1e-4,3e-4,1e-3"], methods=["adamw", "badam_time"], extend=0,
-                  seeds=2, stage="both", steps=100, evals=2, switch_every=5, results=results)
+                  seeds=2, stage="both", steps=100, evals=2, switch_every=5, results=results, workers=1)
     for lr, exact in ((1e-5, 0.1), (3e-5, 0.3), (1e-4, 0.2)):
         _result(results, "adamw", lr, 0, exact)
         path = results / f"adamw_lr{lr:g}_s0.json"
@@ -87,6 +87,32 @@ def test_plan_prices_the_runs_left_by_each_methods_speed_alone(tmp_path, monkeyp
     _result(results, "adamw", 3e-5, 1, 0.3)  # adamw's runs all made: nothing left of it, and the plan says so
     a.methods = ["adamw"]
     assert finetune_rg.plan(a) == 0.0 and "no runs left to make (stage both, methods adamw)" in capsys.readouterr().out
+
+
+def test_plan_lays_the_runs_left_out_side_by_side_as_runs_made_side_by_side_took(tmp_path, monkeypatch):
+    import finetune_rg
+
+    monkeypatch.setattr(finetune_rg, "WORK", tmp_path / "finetune")
+    monkeypatch.setattr(finetune_rg, "speed_record", lambda method: None)  # variants step as BAdam does
+
+    def made(method, side_by_side, train_s, wall_s, steps=100):
+        return dict(method=method, concurrent_runs=side_by_side, train_s=train_s, wall_s=wall_s, steps=steps)
+
+    done = [made("adamw", 2, 10.0, 15.0), made("adamw", 8, 40.0, 50.0), made("adamw", 8, 60.0, 70.0),
+            made("badam", 7, 20.0, 50.0), made("badam", 9, 90.0, 90.0), made("lora", 8, 1.0, 1.0)]
+    a = Namespace(workers=8, steps=300, evals=3, switch_every=5)
+    todo = [("adamw", 1e-5, 0), ("adamw", 3e-5, 0), ("badam_time", 1e-4, 0)]
+    # 8 side by side: adamw 0.5 s a step (the median of 0.4 and 0.6) and 10 s besides, 300 steps: 160 s;
+    # badam_time steps as BAdam, whose runs at 7 and 9 are as near: 0.55 s a step, 15 s besides, 7/3 x 300 steps
+    assert finetune_rg.side_by_side(a, todo, done) == pytest.approx(0.55 * 700 + 15)  # a worker each: the longest
+    # 2 side by side: adamw's run at 2 (0.1 s a step, 5 s besides: 35 s), BAdam's at 7 (0.2 s, 30 s: 170 s);
+    # the longest first, then each on the first free worker: 170 | 35 + 35
+    a.workers = 2
+    assert finetune_rg.side_by_side(a, todo, done) == pytest.approx(170)
+    todo.append(("adamw", 1e-4, 0))
+    a.workers = 1
+    assert finetune_rg.side_by_side(a, todo, done) == pytest.approx(170 + 3 * 35)
+    assert finetune_rg.side_by_side(a, todo + [("galore", 1e-4, 0)], done) is None  # galore never ran side by side
 
 
 def test_failed_runs_count_as_done_and_rank_last(tmp_path, monkeypatch):

@@ -608,16 +608,15 @@ def pending_jobs(a, stage) -> list:
 
 def plan(a) -> float:
     """Print the runs still to make, each with its device time alone where its method's speed pass is known
-    (its tokens at that tokens/s), and return the total of the known ones: to size the GPU calls. A step out of
-    a grid that depends on runs not made yet is not listed: plan again after them."""
+    (its tokens at that tokens/s), and return the total of the known ones: to size the GPU calls; with
+    ``--workers`` above 1, also the calls' time side by side (``side_by_side``). A step out of a grid that
+    depends on runs not made yet is not listed: plan again after them."""
     first = argparse.Namespace(**{**vars(a), "results": WORK / "results"})  # a new length: the first study's runs
     done = [r for r in load_results(a) + load_results(first) if r.get("status") == "ok"]
     per_step = done[0]["tokens"] / done[0]["steps"] if done else None  # the same batches for every method
     total, todo = 0.0, pending_jobs(a, a.stage)
     for method, lr, seed in todo:
-        steps = for_method(a, method).steps
-        # a BAdam variant not yet timed: BAdam's speed, a step of the same job
-        timed = "badam" if speed_record(method) is None and method in BADAM_VARIANTS else method
+        steps, timed = for_method(a, method).steps, timed_as(method)
         solo = speed_record(timed)
         if per_step and solo:
             seconds = per_step * steps / solo["tokens_per_s"]
@@ -628,9 +627,39 @@ def plan(a) -> float:
             print(f"  {run_name(method, lr, seed)}: {steps} steps, its speed not yet measured")
     if not todo:
         print(f"no runs left to make (stage {a.stage}, methods {' '.join(a.methods)})")
-    else:
-        print(f"known: about {total:.0f} s of device time alone (runs side by side take less in all)")
+        return total
+    print(f"known: about {total:.0f} s of device time alone (runs side by side take less in all)")
+    together = side_by_side(a, todo, done) if a.workers > 1 else None
+    if together is not None:
+        print(f"side by side, {a.workers} at a time: about {together:.0f} s of calls (each run's seconds a step, "
+              f"evaluations and generations as its method's runs made side by side took them)")
     return total
+
+
+def timed_as(method: str) -> str:
+    """The method whose timings stand for ``method``'s: a BAdam variant not yet timed steps as BAdam does."""
+    return "badam" if speed_record(method) is None and method in BADAM_VARIANTS else method
+
+
+def side_by_side(a, todo, done) -> float | None:
+    """The seconds the runs ``todo`` take ``--workers`` at a time, longest first on the first free worker: each
+    run's seconds a step and the rest of its wall time (evaluations, generations, start) are the medians of its
+    method's runs in ``done`` made at the number side by side nearest ``--workers``. None where a method has no
+    run made side by side (a run's share of the device changes as others end: an estimate, not a measure)."""
+    walls = []
+    for method, _, _ in todo:
+        made = [r for r in done if r["method"] == timed_as(method) and r.get("concurrent_runs") and r.get("train_s")]
+        if not made:
+            return None
+        nearest = min(abs(r["concurrent_runs"] - a.workers) for r in made)
+        like = [r for r in made if abs(r["concurrent_runs"] - a.workers) == nearest]
+        per_step = statistics.median(r["train_s"] / r["steps"] for r in like)
+        rest = statistics.median(r["wall_s"] - r["train_s"] for r in like)
+        walls.append(per_step * for_method(a, method).steps + rest)
+    workers = [0.0] * a.workers
+    for wall in sorted(walls, reverse=True):
+        workers[workers.index(min(workers))] += wall
+    return max(workers)
 
 
 def speed(a, t_start: float, budget_s: float) -> int:
@@ -891,7 +920,8 @@ def baseline(a):
 def parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("step", nargs="?", choices=["data", "model", "run", "score", "report", "plan", "all"], default="all",
-                   help="plan: the runs still to make and their device time alone, where known")
+                   help="plan: the runs still to make and their device time alone, where known "
+                        "(with --workers N: and N side by side, as runs made side by side took them)")
     p.add_argument("--quick", action="store_true", help="tiny model and data, 4 steps per method, on the CPU (CI)")
     p.add_argument("--stage", choices=["sweep", "seeds", "both"], default="both")
     add_call_options(p, "their state kept in work/finetune/runs; the finished runs' generations follow")
