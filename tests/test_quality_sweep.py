@@ -104,14 +104,15 @@ def test_plan_lays_the_runs_left_out_side_by_side_as_runs_made_side_by_side_took
     todo = [("adamw", 1e-5, 0), ("adamw", 3e-5, 0), ("badam_time", 1e-4, 0)]
     # 8 side by side: adamw 0.5 s a step (the median of 0.4 and 0.6) and 10 s besides, 300 steps: 160 s;
     # badam_time steps as BAdam, whose runs at 7 and 9 are as near: 0.55 s a step, 15 s besides, 7/3 x 300 steps
-    assert finetune_rg.side_by_side(a, todo, done) == pytest.approx(0.55 * 700 + 15)  # a worker each: the longest
-    # 2 side by side: adamw's run at 2 (0.1 s a step, 5 s besides: 35 s), BAdam's at 7 (0.2 s, 30 s: 170 s);
-    # the longest first, then each on the first free worker: 170 | 35 + 35
+    assert finetune_rg.side_by_side(a, todo, done) == pytest.approx([160, 160, 0.55 * 700 + 15])
+    # 2 side by side: adamw's run at 2 (0.1 s a step, 5 s besides: 35 s), BAdam's at 7 (0.2 s, 30 s: 170 s)
     a.workers = 2
-    assert finetune_rg.side_by_side(a, todo, done) == pytest.approx(170)
-    todo.append(("adamw", 1e-4, 0))
-    a.workers = 1
-    assert finetune_rg.side_by_side(a, todo, done) == pytest.approx(170 + 3 * 35)
+    walls = finetune_rg.side_by_side(a, todo, done)
+    assert walls == pytest.approx([35, 35, 170])
+    # laid out: the longest first, then each on the first free worker
+    assert finetune_rg.laid_out(walls, 2) == pytest.approx(170)  # 170 | 35 + 35
+    assert finetune_rg.laid_out(walls + [35, 35, 35], 2) == pytest.approx(5 * 35)  # 170 | 35 x 5: the 5th at 140
+    assert finetune_rg.laid_out(walls, 1) == pytest.approx(170 + 2 * 35)
     assert finetune_rg.side_by_side(a, todo + [("galore", 1e-4, 0)], done) is None  # galore never ran side by side
 
 

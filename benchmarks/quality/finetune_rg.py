@@ -629,10 +629,11 @@ def plan(a) -> float:
         print(f"no runs left to make (stage {a.stage}, methods {' '.join(a.methods)})")
         return total
     print(f"known: about {total:.0f} s of device time alone (runs side by side take less in all)")
-    together = side_by_side(a, todo, done) if a.workers > 1 else None
-    if together is not None:
-        print(f"side by side, {a.workers} at a time: about {together:.0f} s of calls (each run's seconds a step, "
-              f"evaluations and generations as its method's runs made side by side took them)")
+    walls = side_by_side(a, todo, done) if a.workers > 1 else None
+    if walls is not None:
+        print(f"side by side, {a.workers} at a time: about {laid_out(walls, a.workers):.0f} s of calls, the longest "
+              f"run {max(walls):.0f} s (each run's seconds a step, evaluations and generations as its method's runs "
+              f"made side by side took them; a run longer than a call pauses, and the next call must come at once)")
     return total
 
 
@@ -641,11 +642,11 @@ def timed_as(method: str) -> str:
     return "badam" if speed_record(method) is None and method in BADAM_VARIANTS else method
 
 
-def side_by_side(a, todo, done) -> float | None:
-    """The seconds the runs ``todo`` take ``--workers`` at a time, longest first on the first free worker: each
-    run's seconds a step and the rest of its wall time (evaluations, generations, start) are the medians of its
-    method's runs in ``done`` made at the number side by side nearest ``--workers``. None where a method has no
-    run made side by side (a run's share of the device changes as others end: an estimate, not a measure)."""
+def side_by_side(a, todo, done) -> list | None:
+    """The wall seconds of each run of ``todo`` made ``--workers`` side by side: its seconds a step and the rest of
+    its wall time (evaluations, generations, start) are the medians of its method's runs in ``done`` made at the
+    number side by side nearest ``--workers``. None where a method has no run made side by side (a run's share of
+    the device changes as others end: an estimate, not a measure)."""
     walls = []
     for method, _, _ in todo:
         made = [r for r in done if r["method"] == timed_as(method) and r.get("concurrent_runs") and r.get("train_s")]
@@ -656,10 +657,15 @@ def side_by_side(a, todo, done) -> float | None:
         per_step = statistics.median(r["train_s"] / r["steps"] for r in like)
         rest = statistics.median(r["wall_s"] - r["train_s"] for r in like)
         walls.append(per_step * for_method(a, method).steps + rest)
-    workers = [0.0] * a.workers
+    return walls
+
+
+def laid_out(walls, workers: int) -> float:
+    """The seconds runs of these walls take ``workers`` at a time: the longest first, each on the first free worker."""
+    ends = [0.0] * workers
     for wall in sorted(walls, reverse=True):
-        workers[workers.index(min(workers))] += wall
-    return max(workers)
+        ends[ends.index(min(ends))] += wall
+    return max(ends)
 
 
 def speed(a, t_start: float, budget_s: float) -> int:
