@@ -649,7 +649,8 @@ def side_by_side(a, todo, done) -> list | None:
     the device changes as others end: an estimate, not a measure)."""
     walls = []
     for method, _, _ in todo:
-        made = [r for r in done if r["method"] == timed_as(method) and r.get("concurrent_runs") and r.get("train_s")]
+        timed = timed_as(method)  # once a run: it reads the method's speed record
+        made = [r for r in done if r["method"] == timed and r.get("concurrent_runs") and r.get("train_s")]
         if not made:
             return None
         nearest = min(abs(r["concurrent_runs"] - a.workers) for r in made)
