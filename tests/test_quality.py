@@ -36,6 +36,11 @@ def test_finetune_rg_quick_runs_every_method_and_reports(tmp_path):
         assert 0.0 <= row["test_exact_mean"][0] <= 1.0 and row["peak_mem_mib"] > 0 and row["concurrent_runs"] == 2
         # the runs shared the device: tokens/s comes from the speed pass after the seeds, each method alone
         assert row["alone"]["steps"] == 2 and row["alone"]["tokens_per_s"] > 0, (name, row["alone"])
+        # what the runs' wall held besides their steps, by part: each part timed, none negative
+        parts = row["outside_steps_s"]
+        assert parts["eval_s"] > 0 and parts["generate_s"] > 0 and min(parts.values()) >= 0, (name, parts)
+        if name in ("badam", "badam_offload", "badam_time", "badam_k15", "hift"):
+            assert parts["job_start_and_save_s"] > 0 and parts["reload_s"] > 0, (name, parts)
     # the main job's BAdam and the official badam 1.4 train the same blocks on the same batches
     ours, theirs = methods["badam"]["curves"]["0"]["losses"], methods["badam_official"]["curves"]["0"]["losses"]
     assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-4

@@ -366,15 +366,17 @@ def badam_finetune(args, stop_at=None):
     """``badam-finetune ARGS`` (as ``python -m badam_kernels``, which needs no installed entry point); the command
     as a string, and whether it paused. With ``stop_at`` (a ``time.time()``) the job gets the seconds left as
     ``--time-limit``: past them it stops after its step (one step at least), saves a checkpoint and exits 130.
-    The command kept is the run's, without the limit, which belongs to the call."""
+    The command kept is the run's, without the limit, which belongs to the call; the process's wall seconds last
+    (its start and its checkpoint's saving besides the loop's ``wall_s``)."""
     limit = [] if stop_at is None else ["--time-limit", f"{max(0.0, stop_at - time.time()):.1f}"]
     # the job's process takes this worker's share of the cores (run_jobs sets it), not every core
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    t0 = time.perf_counter()
     job = subprocess.run([sys.executable, "-m", "badam_kernels", *args, *limit], capture_output=True, text=True,
                          env=env)
     if job.returncode not in (0, 130) or (job.returncode == 130 and not limit):
         raise RuntimeError(f"badam-finetune failed ({job.returncode}): {job.stderr[-1500:]}")
-    return "badam-finetune " + " ".join(shlex.quote(x) for x in args), job.returncode == 130
+    return "badam-finetune " + " ".join(shlex.quote(x) for x in args), job.returncode == 130, time.perf_counter() - t0
 
 
 def train_badam(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
@@ -386,14 +388,15 @@ def train_badam(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
     pause_file = run_dir / "pause.json"  # the earlier calls of a paused run: its command, their wall and peak
     if pause_file.is_file() and (run_dir / "checkpoint" / "trainer_state.pt").is_file():
         earlier = json.loads(pause_file.read_text())
-        _, paused = badam_finetune(["--resume", str(run_dir)], stop_at)
+        _, paused, process_s = badam_finetune(["--resume", str(run_dir)], stop_at)
     else:
         shutil.rmtree(run_dir, ignore_errors=True)  # a run cut short leaves a partial folder: start it again
         a.device_type = device.type
         args = badam_args(a, lr, seed, run_dir)
-        command, paused = badam_finetune(args, stop_at)
+        command, paused, process_s = badam_finetune(args, stop_at)
         earlier = dict(command=command, wall_s=[], peak_mem_mib=[])
     summary = json.loads((run_dir / "summary.json").read_text())
+    earlier.setdefault("process_s", []).append(process_s)  # (a pause file from before this field had none)
     if paused:
         earlier["wall_s"].append(summary["wall_s"])
         earlier["peak_mem_mib"].append(summary["peak_mem_mib"])
@@ -403,8 +406,13 @@ def train_badam(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
     records = read_jsonl(run_dir / "metrics.jsonl")
     curve = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     wall_s = sum(earlier["wall_s"]) + summary["wall_s"]
-    train_s = wall_s - sum(r.get("eval_s", 0.0) for r in records)  # the steps' wall, as the peers'
+    eval_s = sum(r.get("eval_s", 0.0) for r in records)
+    train_s = wall_s - eval_s  # the steps' wall, as the peers'
+    t0 = time.perf_counter()
     model, tokenizer = load(run_dir / "checkpoint", device, torch.float32)
+    outside = dict(eval_s=eval_s, process_s=sum(earlier["process_s"]), reload_s=time.perf_counter() - t0)
+    # what a run's wall holds besides its steps: the job's start and checkpoint (process_s - wall_s), reading back
+    outside["job_start_and_save_s"] = outside["process_s"] - wall_s
     info = dict(command=earlier["command"], blocks=summary["num_blocks"], memory_bytes=summary.get("memory_bytes"))
     losses = [r["loss"] for r in records]
     tokens = sum(r["tokens"] for r in records)
@@ -415,7 +423,7 @@ def train_badam(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
                                   tokens=tokens, calls=len(earlier["wall_s"]) + 1,
                                   step_s=[r["tokens"] / r["tokens_per_s"] for r in records],
                                   step_tokens=[r["tokens"] for r in records],
-                                  trainable_params_per_block=trainable, info=info)
+                                  trainable_params_per_block=trainable, info=info, outside_steps=outside)
 
 
 def train_peer(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
@@ -465,7 +473,9 @@ def train_peer(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
         progress["step"] = step + 1
         if step + 1 in points:
             progress["peak"] = max(progress["peak"], peak_mib(device))
+            t_eval = time.perf_counter()
             progress["curve"].append((step + 1, eval_loss(m.module, tokenizer, val_rows, a.seq_len, device)))
+            progress["eval_s"] = progress.get("eval_s", 0.0) + time.perf_counter() - t_eval
             reset_peak(device)
     peak = max(progress["peak"], peak_mib(device))
     trainable = m.trainable_params()
@@ -476,7 +486,8 @@ def train_peer(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
                                      train_s=sum(progress["step_s"]), peak_mem_mib=peak,
                                      tokens=sum(progress["step_tokens"]), step_s=progress["step_s"],
                                      step_tokens=progress["step_tokens"], calls=progress["calls"],
-                                     trainable_params=trainable, info=info)
+                                     trainable_params=trainable, info=info,
+                                     outside_steps=dict(eval_s=progress.get("eval_s", 0.0)))
 
 
 def train(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
@@ -524,8 +535,10 @@ def run_one(a, method, lr, seed, device, stop_at=None) -> Path:
     if trained is None:  # paused: the next call goes on with it
         return out
     model, tokenizer, result = trained
+    t_gen = time.perf_counter()
     val_answers = generate(model, tokenizer, [r["instruction"] for r in val_rows], device, a.max_new_tokens)
     test_answers = generate(model, tokenizer, [r["instruction"] for r in test_rows], device, a.max_new_tokens)
+    result["outside_steps"]["generate_s"] = time.perf_counter() - t_gen
     del model
     gc.collect()
     if device.type == "cuda":
@@ -784,6 +797,7 @@ def report(a, commands):
         row["devices"] = sorted({r["device"]["name"] for r in runs if r.get("device")})  # train_s: within a kind
         row["alone"] = solo_speed(m, row["concurrent_runs"], runs[0]["tokens"] / row["train_s"][0], runs[0].get("device"))
         row["tokens"], row["steps"] = runs[0]["tokens"], runs[0]["steps"]
+        row["outside_steps_s"] = outside_steps(runs)
         row["trainable_params"] = runs[0].get("trainable_params", runs[0].get("trainable_params_per_block"))
         row["info"] = runs[0].get("info")
         row["curves"] = {str(r["seed"]): dict(losses=r["losses"], val_loss=r["val_loss_curve"]) for r in runs}
@@ -815,6 +829,15 @@ def report(a, commands):
             print(f"  {m:15s} {row['status']} {row.get('reason') or ''}")
     print("\n" + markdown(payload))
     return path
+
+
+def outside_steps(runs) -> dict | None:
+    """The mean seconds of a method's runs spent besides their steps, by part (evaluations, generations; BAdam's
+    job also its start and checkpoint, and the checkpoint read back), where the runs recorded them."""
+    parts = [r["outside_steps"] for r in runs if r.get("outside_steps")]
+    if not parts:  # runs made before the parts were recorded
+        return None
+    return {key: statistics.mean(p.get(key, 0.0) for p in parts) for key in parts[0]}
 
 
 def speed_note(payload) -> str:
