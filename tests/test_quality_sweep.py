@@ -261,3 +261,12 @@ def test_a_report_records_the_calls_of_the_report_it_replaces_then_the_new_ones(
     earlier.write_text(json.dumps({"what": "no commands"}))
     with pytest.raises(SystemExit, match="no commands"):
         report_commands(parser.parse_args(["--ran-before", str(earlier)]))
+
+
+def test_a_mean_of_one_seed_has_no_deviation_to_show():
+    import finetune_rg
+
+    assert finetune_rg.mean_std([0.285]) == (0.285, None)
+    assert finetune_rg.pm(finetune_rg.mean_std([0.285])) == "0.285 (one seed)"
+    mean, std = finetune_rg.mean_std([0.2, 0.3])
+    assert finetune_rg.pm((mean, std)) == f"0.250 +- {std:.3f}" and abs(std - 0.0707107) < 1e-6

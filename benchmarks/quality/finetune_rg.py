@@ -735,7 +735,14 @@ def rescore(a):
 
 # ----------------------------------------------------------------------------------- report
 def mean_std(values):
-    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    """(mean, standard deviation); one value has no deviation to give: None, not 0."""
+    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None)
+
+
+def pm(pair) -> str:
+    """A (mean, std) pair as text: "0.239 +- 0.009", or "0.285 (one seed)"."""
+    mean, std = pair
+    return f"{mean:.3f} (one seed)" if std is None else f"{mean:.3f} +- {std:.3f}"
 
 
 def speed_file(method) -> Path:
@@ -821,7 +828,7 @@ def report(a, commands):
         if row["status"] == "ok":
             e = row["test_exact_mean"]
             alone = row["alone"]["tokens_per_s"]
-            print(f"  {m:15s} lr {row['lr']:<7g} held-out exact {e[0]:.3f} +- {e[1]:.3f} ({len(row['seeds'])} seeds), "
+            print(f"  {m:15s} lr {row['lr']:<7g} held-out exact {pm(e)}, seeds {row['seeds']}, "
                   f"peak {row['peak_mem_mib']:.0f} MiB, train {row['train_s'][0]:.1f} s, "
                   + (f"{alone:,.0f} tokens/s alone" if alone else "tokens/s alone not measured")
                   + f"; lr from {row['lr_chosen_on']}")
@@ -850,9 +857,6 @@ def speed_note(payload) -> str:
 def markdown(payload) -> str:
     """The report's two tables as Markdown, for the READMEs: each method at its chosen lr over the seeds, then
     every lr of the sweep at seed 0 with the card it ran on."""
-    def pm(pair):
-        return f"{pair[0]:.3f} +- {pair[1]:.3f}"
-
     header = ["method", "lr", "seeds", "held-out exact", *TASKS, "val loss", "peak", "tokens/s alone"]
     rows = []
     for m, r in payload["methods"].items():
@@ -906,7 +910,7 @@ def plot(path, payload):
     b.set_yscale("log")
     for i, (m, r) in enumerate(rows.items()):
         mean, std = r["test_exact_mean"]
-        c.errorbar(r["peak_mem_mib"] / 1024, mean, yerr=std, fmt="o", color=color[i % 20], capsize=3)
+        c.errorbar(r["peak_mem_mib"] / 1024, mean, yerr=std or 0.0, fmt="o", color=color[i % 20], capsize=3)
         c.annotate(m, (r["peak_mem_mib"] / 1024, mean), fontsize=8, xytext=(4, 4), textcoords="offset points")
     c.set_xlabel("peak GPU memory (GiB, allocated)")
     c.set_ylabel("held-out exact accuracy (mean over tasks; +- std over seeds)")
@@ -914,7 +918,7 @@ def plot(path, payload):
         if r["alone"]["tokens_per_s"]:
             mean, std = r["test_exact_mean"]
             seconds = r["tokens"] / r["alone"]["tokens_per_s"]
-            d.errorbar(seconds, mean, yerr=std, fmt="o", color=color[i % 20], capsize=3)
+            d.errorbar(seconds, mean, yerr=std or 0.0, fmt="o", color=color[i % 20], capsize=3)
             d.annotate(m, (seconds, mean), fontsize=8, xytext=(4, 4), textcoords="offset points")
     d.set_xlabel("GPU time of a run alone (s: its tokens at the method's tokens/s alone)")
     note = speed_note(payload)
