@@ -294,7 +294,7 @@ def test_command_line_is_generated_from_the_declared_options():
                                       "device", "keep_activations", "keep_mode", "compile_layers",
                                       # speed and evaluation knobs added since (issue 17): they change no math
                                       "config", "fast", "memory_budget", "fused_ce", "grad_checkpointing",
-                                      "eval_every",
+                                      "eval_every", "eval_batch_size",
                                       # what is profiled changes no math either, nor where the process stops
                                       "profile_steps", "time_limit"}
 

@@ -126,6 +126,30 @@ def test_eval_every_writes_metrics_samples_summary_and_plot(job, tok, tmp_path, 
     assert records[-1]["eval_loss"] == pytest.approx(eval_loss_direct(trained, held), rel=1e-5)
 
 
+def test_eval_batch_size_changes_the_forwards_not_the_eval_loss(job, tmp_path, monkeypatch):
+    """--eval-batch-size: the eval set in fewer, larger forwards; the same losses as batches of --batch-size."""
+    d, model, data, _ = job
+    widths = []
+    real_loss = Evaluation.loss
+
+    def counted(self, *args, **kwargs):
+        widths.append(self.batch_size)
+        return real_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(Evaluation, "loss", counted)
+    runs = {}
+    for name, extra in (("train_batch", []), ("eval_batch", ["--eval-batch-size", "3"])):
+        runs[name] = tmp_path / name
+        assert cli.main(["--model", model, "--data", data, "--eval-fraction", "0.25", "--eval-every", "2",
+                         "--steps", "3", "--out", str(runs[name]), *TINY, *extra]) == 0
+    assert widths == [2, 2, 3, 3]  # TINY's --batch-size 2, then 3; evaluations at steps 2 and 3
+    default, wider = (read_jsonl(runs[name] / "metrics.jsonl") for name in ("train_batch", "eval_batch"))
+    assert [r["loss"] for r in default] == [r["loss"] for r in wider]
+    evals = [[(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r] for records in (default, wider)]
+    assert [step for step, _ in evals[1]] == [step for step, _ in evals[0]] == [2, 3]
+    assert [loss for _, loss in evals[1]] == pytest.approx([loss for _, loss in evals[0]], rel=1e-5)
+
+
 def test_eval_data_file_and_default_text_run(tmp_path, capsys):
     """The embedded model on the shipped text, evaluated on a text file; prompts are text to continue."""
     evald = tmp_path / "eval.txt"
@@ -196,6 +220,9 @@ BAD = {  # arguments (given tmp folder and the job): what the one error line mus
                             "e.jsonl:1: no known format"),
     "negative eval every": (lambda t, j: ["--eval-every", "-2"], "--eval-every"),
     "eval every with nothing to evaluate": (lambda t, j: ["--eval-every", "5"], "--eval-every 5: nothing to evaluate"),
+    "eval batch size with nothing to evaluate": (lambda t, j: ["--eval-batch-size", "8"],
+                                                 "--eval-batch-size 8: no eval set to batch"),
+    "zero eval batch size": (lambda t, j: ["--eval-data", j[2], "--eval-batch-size", "0"], "--eval-batch-size"),
     "missing sample prompts": (lambda t, j: ["--sample-prompts", t / "p.txt"], "--sample-prompts"),
     "empty sample prompts": (lambda t, j: ["--sample-prompts", _touch(t / "p.txt")], "no prompts"),
     "zero sample tokens": (lambda t, j: ["--sample-tokens", "0"], "--sample-tokens"),

@@ -134,6 +134,10 @@ class TrainConfig:
                                             check=fraction, parse=float, none=True, metavar="F", group="evaluation")
     eval_every: int = option(0, "evaluate every N steps, and at the end; 0: at the end only", check=non_negative_int,
                              metavar="N", group="evaluation", resume_may_change=True)
+    eval_batch_size: Optional[int] = option(None, "sequences per evaluation forward (default: --batch-size); an "
+                                            "evaluation keeps no activations for a backward, so more fit, and "
+                                            "fewer forwards take less time", check=positive_int, none=True,
+                                            metavar="N", group="evaluation", resume_may_change=True)
     sample_prompts: Optional[str] = option(None, "prompts (one a line, or JSONL) answered greedily at each evaluation, "
                                            "into samples/step_N.jsonl in the run folder", none=True, metavar="FILE",
                                            group="evaluation")
@@ -223,6 +227,8 @@ def _validate_evaluation(cfg: TrainConfig) -> None:
     require(cfg.eval_every == 0 or cfg.eval_data or cfg.eval_fraction or cfg.sample_prompts,
             f"--eval-every {cfg.eval_every}: nothing to evaluate; give --eval-data, --eval-fraction or "
             "--sample-prompts")
+    require(cfg.eval_batch_size is None or cfg.eval_data or cfg.eval_fraction,
+            f"--eval-batch-size {cfg.eval_batch_size}: no eval set to batch; give --eval-data or --eval-fraction")
     for flag, path in (("--eval-data", cfg.eval_data), ("--sample-prompts", cfg.sample_prompts)):
         if path is not None:
             require(os.path.exists(path), f"{flag} {path}: file not found")

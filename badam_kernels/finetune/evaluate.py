@@ -4,7 +4,7 @@ samples for ``--sample-prompts``.
 The eval loss is token-weighted: the summed cross-entropy of every trained token of the eval set
 (the tokens that carry the loss in training: assistant turns, responses, every token of a text)
 divided by their number, so a long example weighs by its tokens, as in training. The eval examples
-go in unpacked, ``--batch-size`` at a time, padded to the longest of each batch, in eval mode
+go in unpacked, ``--eval-batch-size`` at a time (default ``--batch-size``), padded to the longest of each batch, in eval mode
 without gradients; under torchrun each rank takes every ``world``-th row of each batch and the sums
 are added over the ranks. Nothing draws random numbers, so a resumed run evaluates the same way.
 
@@ -109,7 +109,8 @@ class Evaluation:
         if eval_set is None and not prompts:
             return None
         source, examples = eval_set if eval_set is not None else (None, None)
-        return cls(examples, source, getattr(cfg, "eval_every", 0), pad_id_of(tokenizer), cfg.batch_size, prompts,
+        batch_size = getattr(cfg, "eval_batch_size", None) or cfg.batch_size
+        return cls(examples, source, getattr(cfg, "eval_every", 0), pad_id_of(tokenizer), batch_size, prompts,
                    tokenizer, getattr(batches, "text", False), getattr(cfg, "sample_tokens", 64), cfg.shard)
 
     # ------------------------------------------------------------------------------------ when
