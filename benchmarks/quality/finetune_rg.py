@@ -217,8 +217,11 @@ def load(folder, device, dtype):
 
 
 # ----------------------------------------------------------------------------------- evaluation
+EVAL_BATCH = 64  # rows a forward of the validation loss, for the peers (eval_loss) and the job (--eval-batch-size)
+
+
 @torch.no_grad()
-def eval_loss(model, tokenizer, rows, seq_len, device, batch=64) -> float:
+def eval_loss(model, tokenizer, rows, seq_len, device, batch=EVAL_BATCH) -> float:
     """Mean loss per answer token on (question, answer) rows, teacher-forced, as in training."""
     IGNORE_INDEX, encode_pairs = job_data.IGNORE_INDEX, job_data.encode_pairs
     was = model.training
@@ -359,6 +362,7 @@ def badam_args(a, lr, seed, run_dir):
             "--max-grad-norm", "1.0", "--switch-every", str(a.switch_every), "--switch-mode", "descending",
             "--state-policy", a.state_policy, "--seed", str(seed), "--dtype", a.dtype, "--device", a.device_type,
             "--eval-data", str(WORK / "data" / "val.jsonl"), "--eval-every", str(every),
+            "--eval-batch-size", str(EVAL_BATCH),
             "--out", str(run_dir), "--log-every", "1000000", "--no-progress"]
 
 
