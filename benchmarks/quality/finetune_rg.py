@@ -400,7 +400,8 @@ def train_badam(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
         command, paused, process_s = badam_finetune(args, stop_at)
         earlier = dict(command=command, wall_s=[], peak_mem_mib=[])
     summary = json.loads((run_dir / "summary.json").read_text())
-    earlier.setdefault("process_s", []).append(process_s)  # (a pause file from before this field had none)
+    # (a pause file written before this field has none: its calls' process seconds are then not counted)
+    earlier.setdefault("process_s", []).append(process_s)
     if paused:
         earlier["wall_s"].append(summary["wall_s"])
         earlier["peak_mem_mib"].append(summary["peak_mem_mib"])
