@@ -315,7 +315,7 @@ def fetch(source: dict, sources_dir: Path) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     if source["where"] == "debian":
         if not list(tmp.glob("*.deb")):
-            subprocess.run(["apt-get", "download", "-q", source["spec"]], cwd=tmp, check=True)
+            _apt_download(source["spec"], tmp)
         (deb,) = tmp.glob("*.deb")
         subprocess.run(["dpkg-deb", "-x", str(deb), str(target.with_suffix(".part"))], check=True)
     else:
@@ -325,6 +325,16 @@ def fetch(source: dict, sources_dir: Path) -> Path:
         zipfile.ZipFile(whl).extractall(target.with_suffix(".part"))
     target.with_suffix(".part").rename(target)
     return target
+
+
+def _apt_download(spec: str, folder: Path) -> None:
+    """``apt-get download spec`` into ``folder``; a pinned version apt does not know is most often a stale package
+    list (the version is a security update the image's lists predate), so the error says so."""
+    if subprocess.run(["apt-get", "download", "-q", spec], cwd=folder).returncode:
+        name, _, version = spec.partition("=")
+        raise SystemExit(f"apt-get download {spec} failed: if apt knows another version of {name} "
+                         f"(apt-cache policy {name}), its package lists are older than {version}: "
+                         "run `apt-get update` (root) and the corpus step again; what was fetched is kept")
 
 
 # ----------------------------------------------------------------------------------- readers
