@@ -224,9 +224,10 @@ def resume_pause(path: Path, method, device: torch.device):
         return None
     saved = torch.load(path, map_location=device, weights_only=False)  # GaLore's projectors are objects
     method.load_state_dict(saved["method"])
-    torch.set_rng_state(saved["rng"]["cpu"])
+    # map_location took the RNG states to the device too; the generators take theirs only as CPU byte tensors
+    torch.set_rng_state(saved["rng"]["cpu"].cpu())
     if saved["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        torch.cuda.set_rng_state_all([state.cpu() for state in saved["rng"]["cuda"]])
     return saved["progress"]
 
 

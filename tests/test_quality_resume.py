@@ -1,7 +1,8 @@
 """A quality study's run that passes its call's deadline pauses and goes on in the next call exactly where
 it stopped: the same losses and validation curve (and, fine-tuning, generations) as the run without a pause,
 for every method of the pretraining study and each kind of fine-tuning run (benchmarks/quality/, the
-scripts' --quick shapes on the CPU)."""
+scripts' --quick shapes on the CPU, and on the GPU where the `gpu` tests run: a pause file read back there
+holds its tensors on the GPU)."""
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS / "quality")]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def quick_args(script, tmp_path_factory):
@@ -35,28 +37,29 @@ def study(tmp_path_factory):
     return pretrain_llama, a, pretrain_llama.load_tokens("train"), pretrain_llama.load_tokens("val")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["adamw", "badam", "badam_offload", "galore", "fira", "apollo", "lowrank"])
-def test_a_paused_run_goes_on_exactly_where_it_stopped(study, method, tmp_path, monkeypatch):
+def test_a_paused_run_goes_on_exactly_where_it_stopped(study, method, device, tmp_path, monkeypatch):
     import torch
 
     pl, a, train, val = study
     lr = pl.LR_GRID[method][1]
-    cpu = torch.device("cpu")
+    device = torch.device(device)
 
     def results(work):
         return json.loads((work / "results" / f"{a.size}_{method}_lr{lr:g}.json").read_text())
 
     monkeypatch.setattr(pl, "WORK", tmp_path / "whole")
-    pl.run_one(a, method, lr, cpu, train, val)
+    pl.run_one(a, method, lr, device, train, val)
     whole = results(tmp_path / "whole")
 
     paused = tmp_path / "paused"
     monkeypatch.setattr(pl, "WORK", paused)
     for call in range(1, a.steps):  # a deadline already past: each call takes one step, then pauses
-        pl.run_one(a, method, lr, cpu, train, val, stop_at=0.0)
+        pl.run_one(a, method, lr, device, train, val, stop_at=0.0)
         assert not list((paused / "results").glob("*.json")), call  # no result while it is paused
         assert pl.checkpoint_path(f"{a.size}_{method}_lr{lr:g}").is_file(), call
-    pl.run_one(a, method, lr, cpu, train, val, stop_at=0.0)
+    pl.run_one(a, method, lr, device, train, val, stop_at=0.0)
     resumed = results(paused)
 
     assert whole["status"] == resumed["status"] == "ok", (whole, resumed)
@@ -91,28 +94,29 @@ def finetune(tmp_path_factory):
     return finetune_rg, a
 
 
-def finetune_run(ft, a, method, results, stop_at):
-    """One run of ``method`` into the folder ``results``, in calls until its JSON is there; (JSON, calls)."""
+def finetune_run(ft, a, method, results, stop_at, device="cpu"):
+    """One run of ``method`` on ``device`` into the folder ``results``, in calls until its JSON is there; (JSON, calls)."""
     import torch
 
     a.results = results
     lr = ft.LR_GRID[method][1]
     out = results / f"{ft.run_name(method, lr, 0)}.json"
     for call in range(1, 20):
-        ft.run_one(a, method, lr, 0, torch.device("cpu"), stop_at)
+        ft.run_one(a, method, lr, 0, torch.device(device), stop_at)
         if out.is_file():
             return json.loads(out.read_text()), call
     raise AssertionError(f"{method} did not finish in 19 calls")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["badam_offload", "adamw", "lora", "galore", "apollo"])  # offload: parked states too
-def test_a_paused_finetuning_run_goes_on_exactly_where_it_stopped(finetune, method, tmp_path):
+def test_a_paused_finetuning_run_goes_on_exactly_where_it_stopped(finetune, method, device, tmp_path):
     """Past the deadline every method pauses after one step a call (peers in this process, BAdam as
     badam-finetune's --time-limit 0); the losses, the validation curve and the generations are the whole run's."""
     ft, a = finetune
-    whole, calls = finetune_run(ft, a, method, tmp_path / "whole", None)
+    whole, calls = finetune_run(ft, a, method, tmp_path / "whole", None, device)
     assert calls == 1 and whole["status"] == "ok" and whole["calls"] == 1, whole
-    paused, calls = finetune_run(ft, a, method, tmp_path / "paused", 0.0)
+    paused, calls = finetune_run(ft, a, method, tmp_path / "paused", 0.0, device)
     assert paused["status"] == "ok", paused
     assert paused["calls"] == calls == a.steps
     for key in ("losses", "val_loss_curve", "test_answers", "val_answers"):
