@@ -1,8 +1,10 @@
 """A quality study's run that passes its call's deadline pauses and goes on in the next call exactly where
 it stopped: the same losses and validation curve (and, fine-tuning, generations) as the run without a pause,
 for every method of the pretraining study and each kind of fine-tuning run (benchmarks/quality/, the
-scripts' --quick shapes on the CPU, and on the GPU where the `gpu` tests run: a pause file read back there
-holds its tensors on the GPU)."""
+scripts' --quick shapes on the CPU). The pretraining study's runs pause and go on on the GPU too where the `gpu`
+tests run: a pause file read back there holds its tensors, RNG states included, on the GPU. (Both studies
+read their pauses with one function, ``common.resume_pause``; the fine-tuning tests make their data with
+reasoning-gym, which the GPU image lacks, so they run on the CPU only.)"""
 import json
 import os
 import sys
@@ -52,6 +54,7 @@ def test_a_paused_run_goes_on_exactly_where_it_stopped(study, method, device, tm
     monkeypatch.setattr(pl, "WORK", tmp_path / "whole")
     pl.run_one(a, method, lr, device, train, val)
     whole = results(tmp_path / "whole")
+    assert whole["status"] == "ok", whole  # (e.g. the peer's package missing: an error run, not a pause to test)
 
     paused = tmp_path / "paused"
     monkeypatch.setattr(pl, "WORK", paused)
@@ -94,29 +97,28 @@ def finetune(tmp_path_factory):
     return finetune_rg, a
 
 
-def finetune_run(ft, a, method, results, stop_at, device="cpu"):
-    """One run of ``method`` on ``device`` into the folder ``results``, in calls until its JSON is there; (JSON, calls)."""
+def finetune_run(ft, a, method, results, stop_at):
+    """One run of ``method`` into the folder ``results``, in calls until its JSON is there; (JSON, calls)."""
     import torch
 
     a.results = results
     lr = ft.LR_GRID[method][1]
     out = results / f"{ft.run_name(method, lr, 0)}.json"
     for call in range(1, 20):
-        ft.run_one(a, method, lr, 0, torch.device(device), stop_at)
+        ft.run_one(a, method, lr, 0, torch.device("cpu"), stop_at)
         if out.is_file():
             return json.loads(out.read_text()), call
     raise AssertionError(f"{method} did not finish in 19 calls")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["badam_offload", "adamw", "lora", "galore", "apollo"])  # offload: parked states too
-def test_a_paused_finetuning_run_goes_on_exactly_where_it_stopped(finetune, method, device, tmp_path):
+def test_a_paused_finetuning_run_goes_on_exactly_where_it_stopped(finetune, method, tmp_path):
     """Past the deadline every method pauses after one step a call (peers in this process, BAdam as
     badam-finetune's --time-limit 0); the losses, the validation curve and the generations are the whole run's."""
     ft, a = finetune
-    whole, calls = finetune_run(ft, a, method, tmp_path / "whole", None, device)
+    whole, calls = finetune_run(ft, a, method, tmp_path / "whole", None)
     assert calls == 1 and whole["status"] == "ok" and whole["calls"] == 1, whole
-    paused, calls = finetune_run(ft, a, method, tmp_path / "paused", 0.0, device)
+    paused, calls = finetune_run(ft, a, method, tmp_path / "paused", 0.0)
     assert paused["status"] == "ok", paused
     assert paused["calls"] == calls == a.steps
     for key in ("losses", "val_loss_curve", "test_answers", "val_answers"):
