@@ -293,3 +293,74 @@ def test_eval_loss_over_two_ranks_equals_one_process(tmp_path, tok):
     for rank in range(2):
         loss, tokens = torch.load(tmp_path / f"rank{rank}.pt")
         assert tokens == one[1] and loss == pytest.approx(one[0], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------ memory: the steps' and the evaluations'
+
+class FakeCudaAllocator:
+    """CUDA's one allocated-peak counter, in MiB: what PeakMemory reads and resets around an evaluation."""
+
+    def __init__(self):
+        self.allocated = self.peak = 0.0
+
+    def hold(self, mib):  # allocate (or, negative, free) and move the peak
+        self.allocated += mib
+        self.peak = max(self.peak, self.allocated)
+
+    def max_memory_allocated(self, device=None):
+        return self.peak * 2**20
+
+    def reset_peak_memory_stats(self, device=None):
+        self.peak = self.allocated
+
+
+def test_peak_memory_keeps_an_evaluations_peak_out_of_the_steps(monkeypatch):
+    from badam_kernels.finetune.launch import PeakMemory
+
+    cuda = FakeCudaAllocator()
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", cuda.max_memory_allocated)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", cuda.reset_peak_memory_stats)
+    memory = PeakMemory(torch.device("cuda"))
+    cuda.hold(50)                # the weights
+    cuda.hold(100), cuda.hold(-100)  # a step's gradients and activations
+    assert memory.steps_mib() == 150 and memory.eval_mib is None
+    with memory.evaluating():    # a wide eval batch's logits
+        cuda.hold(400), cuda.hold(-400)
+    assert memory.eval_mib == 450
+    cuda.hold(80), cuda.hold(-80)  # a smaller step after it: the steps' peak before the evaluation stays
+    assert memory.steps_mib() == 150 and memory.overall_mib() == 450
+    cuda.hold(120), cuda.hold(-120)
+    assert memory.steps_mib() == 170
+    with memory.evaluating():    # a narrower evaluation leaves the evaluations' peak where it was
+        cuda.hold(10), cuda.hold(-10)
+    assert (memory.steps_mib(), memory.eval_mib, memory.overall_mib()) == (170, 450, 450)
+
+
+def test_the_summary_gives_the_steps_and_the_evaluations_peaks(job, tmp_path):
+    """On the CPU both are the process' peak resident set (it cannot be reset); without an evaluation, none."""
+    d, model, data, _ = job
+    for name, extra in (("eval", ["--eval-fraction", "0.25", "--eval-every", "2"]), ("none", [])):
+        assert cli.main(["--model", model, "--data", data, "--steps", "2", "--out", str(tmp_path / name),
+                         *TINY, *extra]) == 0
+    evaluated, plain = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("eval", "none"))
+    assert evaluated["steps_peak_mem_mib"] > 0 and evaluated["eval_peak_mem_mib"] > 0
+    assert evaluated["peak_mem_mib"] == max(evaluated["steps_peak_mem_mib"], evaluated["eval_peak_mem_mib"])
+    assert plain["eval_peak_mem_mib"] is None and plain["peak_mem_mib"] == plain["steps_peak_mem_mib"] > 0
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_a_wide_eval_batch_shows_in_the_evaluations_peak_not_the_steps(job, tmp_path):
+    d, model, data, _ = job
+    peaks = {}
+    for width in (1, 64):  # 64 rows of logits a forward against the training's 2
+        run = tmp_path / f"eval_batch_{width}"
+        assert cli.main(["--model", model, "--data", data, "--eval-fraction", "0.5", "--eval-every", "1",
+                         "--steps", "2", "--device", "cuda", "--eval-batch-size", str(width), "--out", str(run),
+                         "--seed", "0", *TINY]) == 0
+        summary = json.loads((run / "summary.json").read_text())
+        records = read_jsonl(run / "metrics.jsonl")
+        assert records[-1]["peak_mem_mib"] == summary["steps_peak_mem_mib"]  # the steps' peak, evaluations apart
+        assert summary["peak_mem_mib"] == max(summary["steps_peak_mem_mib"], summary["eval_peak_mem_mib"])
+        peaks[width] = summary
+    assert peaks[64]["steps_peak_mem_mib"] == pytest.approx(peaks[1]["steps_peak_mem_mib"], abs=1.0)
+    assert peaks[64]["eval_peak_mem_mib"] > peaks[1]["eval_peak_mem_mib"]

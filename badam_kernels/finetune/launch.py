@@ -8,6 +8,7 @@ optimizer states over the ranks with FSDP2 (``badam_kernels.parallel.fsdp``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -126,6 +127,40 @@ def peak_memory_mib(device: torch.device) -> float:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+class PeakMemory:
+    """The allocated peak of the training steps, with the evaluations' apart. CUDA keeps one peak counter;
+    it is read and reset around each evaluation, so that an eval batch larger than the training's
+    (``--eval-batch-size``) does not show as the steps' memory. On the CPU the one peak is the process'
+    resident set, which cannot be reset: there the steps' and the evaluations' peaks are the same number."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._steps_before = 0.0  # the steps' peak up to the last evaluation (the counter was reset there)
+        self.eval_mib: Optional[float] = None  # None: no evaluation yet
+
+    def steps_mib(self) -> float:
+        """The training steps' peak so far (weights, gradients, optimizer state and activations)."""
+        return max(self._steps_before, peak_memory_mib(self.device))
+
+    def overall_mib(self) -> float:
+        """What the run needed at most: the steps' peak or an evaluation's, whichever is larger."""
+        return max(self.steps_mib(), self.eval_mib or 0.0)
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Count what is allocated inside as an evaluation's, not the steps'."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            self._steps_before = self.steps_mib()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            yield
+        finally:
+            self.eval_mib = max(self.eval_mib or 0.0, peak_memory_mib(self.device))
+            if cuda:  # the steps' counter starts again from what is allocated now
+                torch.cuda.reset_peak_memory_stats(self.device)
 
 
 def gpu_memory_held_mib(device: torch.device) -> Dict[str, Optional[float]]:

@@ -38,8 +38,8 @@ from .config import (DEFAULT_SOURCES, DTYPES, EMBEDDED_DATA_STEPS, ConfigError, 
                      config_for_resume, one_line, resolve)
 from .data import build_data
 from .evaluate import Evaluation
-from .launch import (StopFlag, agree_over_ranks, check_backend, gpu_memory_held_mib, on_every_rank, optimizer_class,
-                     peak_memory_mib, processes, shard_model)
+from .launch import (PeakMemory, StopFlag, agree_over_ranks, check_backend, gpu_memory_held_mib, on_every_rank,
+                     optimizer_class, processes, shard_model)
 from .model import check_layer_stack, load_model, prepare_for_training, warn_past_positions
 from .plots import plot_loss, read_metrics
 from .profiling import StepProfiler
@@ -76,6 +76,10 @@ class Run:
     evaluation: Optional[Evaluation] = None  # the eval loss and samples (evaluate.py), if asked for
     plan: Any = None  # the speed plan (plan.py): loss, compiled layers, kept activations, expected peak
     loss_fn: Optional[Callable] = None  # loss(**batch.model_inputs(device)): fused or plain (fast.py)
+    memory: PeakMemory = field(init=False)  # the steps' allocated peak, the evaluations' apart (launch.py)
+
+    def __post_init__(self):
+        self.memory = PeakMemory(self.device)
 
     @property
     def main(self) -> bool:  # rank 0 reports and writes
@@ -227,7 +231,8 @@ def run_loop(run: Run, deadline: Optional[float] = None) -> Progress:
             else:
                 record, stopping = profiler.around(progress.step + 1, lambda: _step(run, progress, stop))
             if run.evaluation is not None:
-                record.update(run.evaluation.at_step(run, record["step"], target, say))
+                with run.memory.evaluating():
+                    record.update(run.evaluation.at_step(run, record["step"], target, say))
             metrics.write(json.dumps(record) + "\n")
             step, loss, block, peak = record["step"], record["loss"], record["active_block"], record["peak_mem_mib"]
             bar.set_postfix_str(f"loss {loss:.3f}{run.evaluation.postfix() if run.evaluation else ''}, "
@@ -266,7 +271,7 @@ def _step(run: Run, progress: Progress, stop: StopFlag):
     progress.nonfinite += not math.isfinite(loss)
     record = {"step": progress.step, "loss": loss, "lr": lr, "tokens_per_s": num_tokens / dt,
               "active_block": block, "grad_norm": None if grad_norm is None else float(grad_norm),
-              "peak_mem_mib": round(peak_memory_mib(run.device), 1), "tokens": num_tokens,
+              "peak_mem_mib": round(run.memory.steps_mib(), 1), "tokens": num_tokens,
               "elapsed_s": round(progress.elapsed, 4)}
     return record, stopping
 
@@ -305,7 +310,9 @@ def finish(run: Run, progress: Progress) -> Dict[str, Any]:
         "first_loss": losses[0] if losses else None, "last_loss": last_loss,
         "mean_loss_last_10": sum(tail) / len(tail) if tail else None, "wall_s": round(wall, 2),
         "tokens_per_s": round((progress.tokens_seen - progress.tokens_before) / wall, 1) if wall else None,
-        "peak_mem_mib": round(peak_memory_mib(run.device), 1), **gpu_memory_held_mib(run.device),
+        "peak_mem_mib": round(run.memory.overall_mib(), 1), "steps_peak_mem_mib": round(run.memory.steps_mib(), 1),
+        "eval_peak_mem_mib": None if run.memory.eval_mib is None else round(run.memory.eval_mib, 1),
+        **gpu_memory_held_mib(run.device),
         "num_blocks": run.optimizer.num_blocks, "device": run.device.type, "dtype": cfg.dtype,
         "nonfinite_steps": progress.nonfinite, "memory_bytes": held,
         "shard": cfg.shard, "world_size": run.world, "grad_accum": cfg.grad_accum,
