@@ -383,6 +383,13 @@ def badam_finetune(args, stop_at=None):
     return "badam-finetune " + " ".join(shlex.quote(x) for x in args), job.returncode == 130, time.perf_counter() - t0
 
 
+def steps_peak_mib(summary) -> float:
+    """The job's peak over its training steps, its evaluations apart, as the peers' are taken (``train_peer``):
+    a wide ``--eval-batch-size`` is not the method's memory. A package before the summary gave it apart counted
+    its evaluations in: there, ``peak_mem_mib``."""
+    return summary.get("steps_peak_mem_mib", summary["peak_mem_mib"])
+
+
 def train_badam(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
     """BAdam through the main job's command line, one process; its own evaluation gives the validation loss
     (the same token-weighted mean over the answer tokens as ``eval_loss``; tests/test_quality.py checks the
@@ -404,7 +411,7 @@ def train_badam(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
     earlier.setdefault("process_s", []).append(process_s)
     if paused:
         earlier["wall_s"].append(summary["wall_s"])
-        earlier["peak_mem_mib"].append(summary["peak_mem_mib"])
+        earlier["peak_mem_mib"].append(steps_peak_mib(summary))
         write_result(pause_file, earlier)
         print(f"  {run_dir.name} paused at step {summary['step']}/{a.steps} (the call's deadline)", flush=True)
         return None
@@ -418,13 +425,14 @@ def train_badam(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
     outside = dict(eval_s=eval_s, process_s=sum(earlier["process_s"]), reload_s=time.perf_counter() - t0)
     # what a run's wall holds besides its steps: the job's start and checkpoint (process_s - wall_s), reading back
     outside["job_start_and_save_s"] = outside["process_s"] - wall_s
-    info = dict(command=earlier["command"], blocks=summary["num_blocks"], memory_bytes=summary.get("memory_bytes"))
+    info = dict(command=earlier["command"], blocks=summary["num_blocks"], memory_bytes=summary.get("memory_bytes"),
+                eval_peak_mem_mib=summary.get("eval_peak_mem_mib"))
     losses = [r["loss"] for r in records]
     tokens = sum(r["tokens"] for r in records)
     trainable = sum(p.numel() for p in model.parameters()) // summary["num_blocks"]  # about one block's worth
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # 0.5 GB each; the metrics stay
     return model, tokenizer, dict(losses=losses, val_loss_curve=curve, train_s=train_s,
-                                  peak_mem_mib=max(earlier["peak_mem_mib"] + [summary["peak_mem_mib"]]),
+                                  peak_mem_mib=max(earlier["peak_mem_mib"] + [steps_peak_mib(summary)]),
                                   tokens=tokens, calls=len(earlier["wall_s"]) + 1,
                                   step_s=[r["tokens"] / r["tokens_per_s"] for r in records],
                                   step_tokens=[r["tokens"] for r in records],
