@@ -133,7 +133,7 @@ class PeakMemory:
     """The allocated peak of the training steps, with the evaluations' apart. CUDA keeps one peak counter;
     it is read and reset around each evaluation, so that an eval batch larger than the training's
     (``--eval-batch-size``) does not show as the steps' memory. On the CPU the one peak is the process'
-    resident set, which cannot be reset: there the steps' and the evaluations' peaks are the same number."""
+    resident set, which cannot be reset: there both are that peak as it stood when each was last read."""
 
     def __init__(self, device: torch.device):
         self.device = device
