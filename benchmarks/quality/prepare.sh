@@ -12,10 +12,13 @@ Q=benchmarks/quality
 RUNS=benchmarks/results
 python=(scripts/venv-run python)
 
-# the runs made so far, from their committed copies: a study run again makes only what is missing
-restore() {  # $1: committed runs folder, $2: work folder
+# the runs made so far, from their committed copies (every session's folder, the newest last): a study run again
+# makes only what is missing
+restore() {  # $1: the committed runs folders' name up to their date, $2: the work folder
   [ -d "$2" ] && return
-  mkdir -p "$2" && cp -r "$1"/. "$2"/ && echo "restored $(ls "$2" | wc -l) entries of $1 into $2"
+  mkdir -p "$2"
+  for folder in $RUNS/$1_20*/; do cp -r "$folder". "$2"/; done
+  echo "restored $(ls "$2" | wc -l) entries of $RUNS/$1_* into $2"
 }
 
 echo "== the package as .snap (the study's BAdam runs use it while the tree changes)"
@@ -32,13 +35,13 @@ echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $gguf" |
 
 echo "== fine-tuning data and the runs made so far"
 [ -f $Q/work/finetune/data/test.jsonl ] || "${python[@]}" $Q/finetune_rg.py data
-restore $RUNS/quality_finetune_rg_runs_2026-12-05 $Q/work/finetune/results
-restore $RUNS/quality_finetune_rg_1350steps_runs_2026-12-06 $Q/work/finetune/results_1350steps
+restore quality_finetune_rg_runs $Q/work/finetune/results
+restore quality_finetune_rg_1350steps_runs $Q/work/finetune/results_1350steps
 rm -rf $Q/work/finetune/results_1350steps/speed  # a study of any length reads results/speed (finetune_rg.speed_file)
 
 if [ "${1:-}" = pretrain ]; then
   echo "== the pretraining corpus' tokens and the 60M runs made so far"
-  restore $RUNS/quality_pretrain_llama_runs_2026-12-05 $Q/work/pretrain/results
+  restore quality_pretrain_llama_runs $Q/work/pretrain/results
   [ -d $Q/work/finetune/model ] || "${python[@]}" $Q/finetune_rg.py model  # SmolLM2's tokenizer
   "${python[@]}" -m pip install -q pypdfium2==5.15.2
   if [ ! -f $Q/work/pretrain/corpus/tokens.sha256 ]; then
