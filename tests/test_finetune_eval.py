@@ -150,6 +150,32 @@ def test_eval_batch_size_changes_the_forwards_not_the_eval_loss(job, tmp_path, m
     assert [loss for _, loss in evals[1]] == pytest.approx([loss for _, loss in evals[0]], rel=1e-5)
 
 
+def test_the_evaluation_takes_the_runs_fused_loss(job, tok, tmp_path, monkeypatch):
+    """With --fused-ce the eval set's forwards go through the fused loss too (no whole logits: a wide eval batch
+    stays small), and give the loss the plain model gives the checkpoint (conftest: TRITON_INTERPRET=1)."""
+    from badam_kernels.finetune import fast
+    from badam_kernels.finetune.config import saved_config
+
+    d, model, data, _ = job
+    calls = []
+    real_fused = fast.fused_loss
+
+    def counted(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())  # False: an evaluation's forward
+        return real_fused(*args, **kwargs)
+
+    monkeypatch.setattr(fast, "fused_loss", counted)
+    run = tmp_path / "run"
+    assert cli.main(["--model", model, "--data", data, "--eval-fraction", "0.25", "--eval-every", "2", "--steps", "2",
+                     "--fused-ce", "--eval-batch-size", "3", "--out", str(run), *TINY]) == 0
+    assert calls.count(True) == 2 and calls.count(False) == 1  # two steps of one micro-batch; 3 eval rows, one forward
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(run / "checkpoint").eval()
+    _, (_, held) = build_data(saved_config(str(run)), tok)
+    last = read_jsonl(run / "metrics.jsonl")[-1]
+    assert last["eval_loss"] == pytest.approx(eval_loss_direct(trained, held), rel=1e-5)
+
 def test_eval_data_file_and_default_text_run(tmp_path, capsys):
     """The embedded model on the shipped text, evaluated on a text file; prompts are text to continue."""
     evald = tmp_path / "eval.txt"

@@ -136,7 +136,7 @@ class Evaluation:
         record: Dict[str, Any] = {}
         line = f"eval at step {step}:"
         if self.examples:
-            loss, tokens = self.loss(run.model, run.device, run.rank, run.world)
+            loss, tokens = self.loss(run.model, run.device, run.rank, run.world, run.loss_fn)
             record.update(eval_loss=loss, eval_tokens=tokens)
             line += f" loss {loss:.4f} over {tokens:,} tokens"
         if self.prompts and (run.main or self.samples_on_every_rank):
@@ -158,8 +158,12 @@ class Evaluation:
     # ------------------------------------------------------------------------------------ the loss
 
     @torch.no_grad()
-    def loss(self, model, device, rank: int = 0, world: int = 1) -> Tuple[float, int]:
-        """(token-weighted mean loss, trained tokens) of the eval set."""
+    def loss(self, model, device, rank: int = 0, world: int = 1,
+             loss_fn: Optional[Callable[..., torch.Tensor]] = None) -> Tuple[float, int]:
+        """(token-weighted mean loss, trained tokens) of the eval set. ``loss_fn``: the run's loss (fast.py), so
+        that where the training's is the fused one the evaluation's logits are never whole either (a wide
+        ``--eval-batch-size`` of a 128k-vocabulary model would otherwise hold tokens x vocab of them, in fp32);
+        None: the model's own."""
         was = model.training
         model.eval()
         total = torch.zeros((), dtype=torch.float64, device=device)
@@ -172,11 +176,12 @@ class Evaluation:
                     mine = [(chunk[0][0], [IGNORE_INDEX] * len(chunk[0][1]))]
                 batch = pad_batch(mine, self.pad_id)
                 n = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
-                out = model(**{**batch.model_inputs(device), "use_cache": False})
+                inputs = {**batch.model_inputs(device), "use_cache": False}
+                batch_loss = loss_fn(**inputs) if loss_fn is not None else model(**inputs).loss
                 if n:
-                    total += out.loss.detach().double() * n
+                    total += batch_loss.detach().double() * n
                     count += n
-                del out
+                del batch_loss
         finally:
             model.train(was)
         if world > 1:
