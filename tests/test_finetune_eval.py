@@ -339,6 +339,11 @@ class FakeCudaAllocator:
     def reset_peak_memory_stats(self, device=None):
         self.peak = self.allocated
 
+    max_memory_reserved = max_memory_allocated  # an allocator that caches nothing: reserved is allocated
+
+    def mem_get_info(self, device=None):
+        return 0, 2**40
+
 
 def test_peak_memory_keeps_an_evaluations_peak_out_of_the_steps(monkeypatch):
     from badam_kernels.finetune.launch import PeakMemory
@@ -346,6 +351,8 @@ def test_peak_memory_keeps_an_evaluations_peak_out_of_the_steps(monkeypatch):
     cuda = FakeCudaAllocator()
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", cuda.max_memory_allocated)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", cuda.reset_peak_memory_stats)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", cuda.max_memory_reserved)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", cuda.mem_get_info)
     memory = PeakMemory(torch.device("cuda"))
     cuda.hold(50)                # the weights
     cuda.hold(100), cuda.hold(-100)  # a step's gradients and activations
@@ -360,6 +367,7 @@ def test_peak_memory_keeps_an_evaluations_peak_out_of_the_steps(monkeypatch):
     with memory.evaluating():    # a narrower evaluation leaves the evaluations' peak where it was
         cuda.hold(10), cuda.hold(-10)
     assert (memory.steps_mib(), memory.eval_mib, memory.overall_mib()) == (170, 450, 450)
+    assert memory.held_mib()["peak_reserved_mib"] == 450  # the reserved peak is the whole run's, resets or not
 
 
 def test_the_summary_gives_the_steps_and_the_evaluations_peaks(job, tmp_path):
@@ -395,6 +403,7 @@ def test_on_a_gpu_a_wide_eval_batch_shows_in_the_evaluations_peak_not_the_steps(
         records = read_jsonl(run / "metrics.jsonl")
         assert records[-1]["peak_mem_mib"] == summary["steps_peak_mem_mib"]  # the steps' peak, evaluations apart
         assert summary["peak_mem_mib"] == max(summary["steps_peak_mem_mib"], summary["eval_peak_mem_mib"])
+        assert summary["peak_reserved_mib"] >= summary["peak_mem_mib"]  # the allocator's, over the counters' resets
         peaks[width] = summary
     assert peaks[64]["steps_peak_mem_mib"] == pytest.approx(peaks[1]["steps_peak_mem_mib"], abs=1.0)
     assert peaks[64]["eval_peak_mem_mib"] > peaks[1]["eval_peak_mem_mib"]

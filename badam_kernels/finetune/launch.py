@@ -137,7 +137,8 @@ class PeakMemory:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._steps_before = 0.0  # the steps' peak up to the last evaluation (the counter was reset there)
+        self._steps_before = 0.0  # the steps' allocated peak up to the last evaluation (the counter was reset there)
+        self._reserved_before = 0.0  # the allocator's reserved peak up to the last reset
         self.eval_mib: Optional[float] = None  # None: no evaluation yet
 
     def steps_mib(self) -> float:
@@ -148,30 +149,35 @@ class PeakMemory:
         """What the run needed at most: the steps' peak or an evaluation's, whichever is larger."""
         return max(self.steps_mib(), self.eval_mib or 0.0)
 
+    def held_mib(self) -> Dict[str, Optional[float]]:
+        """Beyond the allocated peak, on a GPU: the allocator's reserved peak over the run, evaluations included
+        (allocated plus its cached, fragmented blocks), and what the whole device has in use now (every process'
+        CUDA context, loaded kernels and reserve: what the card must hold); None on the CPU."""
+        if self.device.type != "cuda":
+            return {"peak_reserved_mib": None, "device_used_mib": None}
+        free, total = torch.cuda.mem_get_info(self.device)
+        return {"peak_reserved_mib": round(self._reserved_mib(), 1), "device_used_mib": round((total - free) / 2**20, 1)}
+
     @contextlib.contextmanager
     def evaluating(self):
         """Count what is allocated inside as an evaluation's, not the steps'."""
         cuda = self.device.type == "cuda"
         if cuda:
             self._steps_before = self.steps_mib()
-            torch.cuda.reset_peak_memory_stats(self.device)
+            self._reset()
         try:
             yield
         finally:
             self.eval_mib = max(self.eval_mib or 0.0, peak_memory_mib(self.device))
             if cuda:  # the steps' counter starts again from what is allocated now
-                torch.cuda.reset_peak_memory_stats(self.device)
+                self._reset()
 
+    def _reserved_mib(self) -> float:
+        return max(self._reserved_before, torch.cuda.max_memory_reserved(self.device) / 2**20)
 
-def gpu_memory_held_mib(device: torch.device) -> Dict[str, Optional[float]]:
-    """Beyond the allocated peak, on a GPU: the allocator's reserved peak (allocated plus its cached,
-    fragmented blocks) and what the whole device has in use now (every process' CUDA context,
-    loaded kernels and reserve: what the card must hold); None on the CPU."""
-    if device.type != "cuda":
-        return {"peak_reserved_mib": None, "device_used_mib": None}
-    free, total = torch.cuda.mem_get_info(device)
-    return {"peak_reserved_mib": round(torch.cuda.max_memory_reserved(device) / 2**20, 1),
-            "device_used_mib": round((total - free) / 2**20, 1)}
+    def _reset(self) -> None:  # CUDA's peak counters start again from what is held now; the reserved peak is kept
+        self._reserved_before = self._reserved_mib()
+        torch.cuda.reset_peak_memory_stats(self.device)
 
 
 class StopFlag:

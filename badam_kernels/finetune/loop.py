@@ -38,8 +38,8 @@ from .config import (DEFAULT_SOURCES, DTYPES, EMBEDDED_DATA_STEPS, ConfigError, 
                      config_for_resume, one_line, resolve)
 from .data import build_data
 from .evaluate import Evaluation
-from .launch import (PeakMemory, StopFlag, agree_over_ranks, check_backend, gpu_memory_held_mib, on_every_rank,
-                     optimizer_class, processes, shard_model)
+from .launch import (PeakMemory, StopFlag, agree_over_ranks, check_backend, on_every_rank, optimizer_class, processes,
+                     shard_model)
 from .model import check_layer_stack, load_model, prepare_for_training, warn_past_positions
 from .plots import plot_loss, read_metrics
 from .profiling import StepProfiler
@@ -312,7 +312,7 @@ def finish(run: Run, progress: Progress) -> Dict[str, Any]:
         "tokens_per_s": round((progress.tokens_seen - progress.tokens_before) / wall, 1) if wall else None,
         "peak_mem_mib": round(run.memory.overall_mib(), 1), "steps_peak_mem_mib": round(run.memory.steps_mib(), 1),
         "eval_peak_mem_mib": None if run.memory.eval_mib is None else round(run.memory.eval_mib, 1),
-        **gpu_memory_held_mib(run.device),
+        **run.memory.held_mib(),
         "num_blocks": run.optimizer.num_blocks, "device": run.device.type, "dtype": cfg.dtype,
         "nonfinite_steps": progress.nonfinite, "memory_bytes": held,
         "shard": cfg.shard, "world_size": run.world, "grad_accum": cfg.grad_accum,
