@@ -74,6 +74,8 @@ try:  # the main job's data module (badam_kernels.finetune.data since the layout
 except ImportError:  # pragma: no cover
     from badam_kernels import data as job_data
 
+from badam_kernels.finetune.launch import PeakMemory  # noqa: E402  (the job's: BAdam's peaks and the peers' alike)
+
 WORK = Path(os.environ.get("QUALITY_WORK", HERE / "work")) / "finetune"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TASKS = {
@@ -346,13 +348,6 @@ def reset_peak(device):
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_mib(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 
 def badam_args(a, lr, seed, run_dir):
     """The badam-finetune command line of a run: the validation loss by the job's own ``--eval-data``."""
@@ -461,11 +456,12 @@ def train_peer(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
         progress = dict(step=0, losses=[], curve=[], step_s=[], step_tokens=[], peak=0.0, calls=0)
     else:
         reset_peak(device)  # not the saved state's copies, gone by the first step
+    memory = PeakMemory(device)  # the steps' peak, the evaluations' apart, as the job counts BAdam's
     progress["calls"] += 1
     first = progress["step"]
     for step in range(first, a.steps):
         if stop_at is not None and m.resumable and step > first and time.time() > stop_at:
-            progress["peak"] = max(progress["peak"], peak_mib(device))
+            progress["peak"] = max(progress["peak"], memory.steps_mib())
             save_pause(pause_file, m, progress)
             m.close()
             print(f"  {pause_file.parent.name} paused at step {step}/{a.steps} (the call's deadline)", flush=True)
@@ -485,12 +481,11 @@ def train_peer(a, method, lr, seed, device, val_rows, name=None, stop_at=None):
         progress["step_tokens"].append(b.num_tokens)
         progress["step"] = step + 1
         if step + 1 in points:
-            progress["peak"] = max(progress["peak"], peak_mib(device))
             t_eval = time.perf_counter()
-            progress["curve"].append((step + 1, eval_loss(m.module, tokenizer, val_rows, a.seq_len, device)))
+            with memory.evaluating():
+                progress["curve"].append((step + 1, eval_loss(m.module, tokenizer, val_rows, a.seq_len, device)))
             progress["eval_s"] = progress.get("eval_s", 0.0) + time.perf_counter() - t_eval
-            reset_peak(device)
-    peak = max(progress["peak"], peak_mib(device))
+    peak = max(progress["peak"], memory.steps_mib())
     trainable = m.trainable_params()
     info = dict(options, **m.info)
     m.close()
