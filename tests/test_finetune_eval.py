@@ -385,25 +385,30 @@ def test_the_summary_gives_the_steps_and_the_evaluations_peaks(job, tmp_path):
 
 @pytest.mark.gpu
 def test_on_a_gpu_a_wide_eval_batch_shows_in_the_evaluations_peak_not_the_steps(job, tmp_path):
-    """Each run a process of its own, as the job is run: CUDA's peak counter is the process', and a first run's
-    one-time allocations (Triton's autotuning among them) would show in it and not in a second's."""
+    """Against a run that evaluates only after its last step (whose steps' peak no evaluation can touch), one that
+    evaluates 64 rows a forward after every step has the same steps' peak, and a larger evaluations' peak than
+    one that evaluates a row at a time. Each run a process of its own, as the job is run: CUDA's peak counter
+    is the process', and a first run's one-time allocations (Triton's autotuning among them) would show in it
+    and not in a second's."""
     import subprocess
     import sys
 
     d, model, data, _ = job
-    peaks = {}
-    for width in (1, 64):  # 64 rows of logits a forward against the training's 2
-        run = tmp_path / f"eval_batch_{width}"
+    runs = {}
+    for name, width, every in (("at_the_end", 64, 0), ("wide", 64, 1), ("narrow", 1, 1)):  # the training's: 2 rows
+        out = tmp_path / name
         done = subprocess.run([sys.executable, "-m", "badam_kernels", "--model", model, "--data", data,
-                               "--eval-fraction", "0.5", "--eval-every", "1", "--steps", "2", "--device", "cuda",
-                               "--eval-batch-size", str(width), "--out", str(run), "--seed", "0", *TINY],
-                              capture_output=True, text=True, timeout=300)
+                               "--eval-fraction", "0.5", "--eval-every", str(every), "--steps", "2",
+                               "--device", "cuda", "--eval-batch-size", str(width), "--out", str(out), "--seed", "0",
+                               *TINY], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
-        summary = json.loads((run / "summary.json").read_text())
-        records = read_jsonl(run / "metrics.jsonl")
+        summary = json.loads((out / "summary.json").read_text())
+        records = read_jsonl(out / "metrics.jsonl")
         assert records[-1]["peak_mem_mib"] == summary["steps_peak_mem_mib"]  # the steps' peak, evaluations apart
         assert summary["peak_mem_mib"] == max(summary["steps_peak_mem_mib"], summary["eval_peak_mem_mib"])
         assert summary["peak_reserved_mib"] >= summary["peak_mem_mib"]  # the allocator's, over the counters' resets
-        peaks[width] = summary
-    assert peaks[64]["steps_peak_mem_mib"] == pytest.approx(peaks[1]["steps_peak_mem_mib"], abs=1.0)
-    assert peaks[64]["eval_peak_mem_mib"] > peaks[1]["eval_peak_mem_mib"]
+        runs[name] = dict(steps=summary["steps_peak_mem_mib"], evals=summary["eval_peak_mem_mib"],
+                          each_step=[r["peak_mem_mib"] for r in records], reserved=summary["peak_reserved_mib"])
+    assert runs["wide"]["steps"] == pytest.approx(runs["at_the_end"]["steps"], abs=1.0), runs
+    assert runs["narrow"]["steps"] >= runs["at_the_end"]["steps"] - 1.0, runs
+    assert runs["wide"]["evals"] > runs["narrow"]["evals"], runs
