@@ -176,6 +176,28 @@ def test_pretraining_plan_prices_a_larger_size_by_a_smaller_ones_speed(tmp_path,
     assert pretrain_llama.plan(a) == 0.0 and "no runs left to make at 130m" in capsys.readouterr().out
 
 
+def test_pretraining_plan_prices_by_the_sizes_own_runs_made_alone(tmp_path, monkeypatch, capsys):
+    """A run that had the GPU to itself (``--workers 1``) measured its method's speed at this size: better than
+    another size's scaled; a run that shared the GPU did not, and this size's speed pass comes first."""
+    import pretrain_llama
+
+    results = tmp_path / "pretrain" / "results"
+    results.mkdir(parents=True)
+    monkeypatch.setattr(pretrain_llama, "WORK", tmp_path / "pretrain")
+    (results / "60m_adamw_speed.json").write_text(json.dumps(dict(tokens_per_s=300_000.0)))
+    for lr, tokens_per_s, concurrent in ((3e-3, 150_000.0, 1), (6e-3, 170_000.0, 1), (1e-2, 50_000.0, 3)):
+        (results / f"130m_adamw_lr{lr:g}.json").write_text(json.dumps(dict(
+            size="130m", method="adamw", lr=lr, status="ok", val_ppl=50.0 + lr, tokens_per_s=tokens_per_s,
+            concurrent_runs=concurrent)))
+    a = Namespace(size="130m", lr=["adamw=1e-3,3e-3,6e-3,1e-2"], methods=["adamw"], extend=0, grid_from=None,
+                  steps=1200, batch=64, seq=256)
+    assert pretrain_llama.plan(a) == pytest.approx(1200 * 64 * 256 / 160_000.0)  # the median of the two alone
+    assert "130m_adamw_lr0.001: 19.7M tokens, about 123 s alone (its 2 runs alone at 130m)" in capsys.readouterr().out
+    (results / "130m_adamw_speed.json").write_text(json.dumps(dict(tokens_per_s=100_000.0)))
+    assert pretrain_llama.plan(a) == pytest.approx(1200 * 64 * 256 / 100_000.0)
+    assert "(its speed pass)" in capsys.readouterr().out
+
+
 def test_a_report_of_runs_from_two_kinds_of_gpu_is_named_after_both():
     h200 = dict(name="NVIDIA H200", mem_gib=139.8)
     h100 = dict(name="NVIDIA H100 80GB HBM3", mem_gib=79.2)

@@ -50,6 +50,7 @@ import json
 import lzma
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,7 @@ from common import (LLAMA_SHAPES, add_call_options, add_ran_options, add_speed_o
                     call_deadline, device_record, layer_shapes, lr_grid, machines_note, markdown_table,
                     report_commands, result_path, resume_pause, run_jobs, runs_device, save_pause, start_budget,
                     study_device, sweep_jobs, sweep_lrs, to_time, write_json, write_result)
+from badam_kernels.finetune.launch import PeakMemory  # noqa: E402  (the job's: the steps' peak, evaluations apart)
 
 WORK = Path(os.environ.get("QUALITY_WORK", HERE / "work")) / "pretrain"
 
@@ -319,7 +321,8 @@ def run_one(a, method, lr, device, train, val, stop_at=None):
             result = dict(size=a.size, method=method, lr=lr, status="ok", params=params, trainable_params=trainable,
                           losses=progress["losses"], val_loss_curve=curve, val_ppl=math.exp(curve[-1][1]),
                           train_s=wall, tokens=tokens, tokens_per_s=tokens / wall, concurrent_runs=a.workers,
-                          peak_mem_mib=progress["peak_mib"], calls=progress["calls"], info=m.info,
+                          peak_mem_mib=progress["peak_mib"], eval_peak_mem_mib=progress.get("eval_peak_mib"),
+                          calls=progress["calls"], info=m.info,
                           device=device_record())
     except torch.cuda.OutOfMemoryError:
         result = dict(size=a.size, method=method, lr=lr, status="OOM")
@@ -342,10 +345,12 @@ def run_one(a, method, lr, device, train, val, stop_at=None):
 def train_run(a, m, name, lr, device, train, val, stop_at):
     """``--steps`` steps of ``m``, from its checkpoint where it paused before: the progress (losses,
     validation curve, wall time, peak memory over all its calls), or None where it paused again."""
+    memory = PeakMemory(device)  # the steps' peak with the validations' apart, counted as the job counts BAdam's
     progress = resume_pause(checkpoint_path(name), m, device)
     if progress is None:
-        progress = dict(step=0, losses=[], wall=0.0, peak_mib=None, calls=0,
-                        curve=[(0, val_loss(m.module, val, a, device))])
+        with memory.evaluating():
+            progress = dict(step=0, losses=[], wall=0.0, peak_mib=None, calls=0,
+                            curve=[(0, val_loss(m.module, val, a, device))])
     else:
         print(f"  {name} goes on from step {progress['step']}", flush=True)
     progress["calls"] += 1
@@ -355,13 +360,15 @@ def train_run(a, m, name, lr, device, train, val, stop_at):
         torch.cuda.reset_peak_memory_stats()
 
     def evaluate(step, loss):
-        progress["curve"].append((step, val_loss(m.module, val, a, device)))
+        with memory.evaluating():
+            progress["curve"].append((step, val_loss(m.module, val, a, device)))
         print(f"  {name} step {step}/{a.steps} loss {loss:.3f} val ppl {math.exp(progress['curve'][-1][1]):.2f}",
               flush=True)
 
     train_steps(m, a, lr, train, device, a.steps, progress, evaluate, stop_at)
-    if device.type == "cuda":
-        progress["peak_mib"] = max(progress["peak_mib"] or 0.0, torch.cuda.max_memory_allocated() / 2**20)
+    if device.type == "cuda":  # over every call of a run that paused (the CPU's resident set is not the run's)
+        progress["peak_mib"] = max(progress["peak_mib"] or 0.0, memory.steps_mib())
+        progress["eval_peak_mib"] = max(progress.get("eval_peak_mib") or 0.0, memory.eval_mib or 0.0)
     if progress["step"] < a.steps:
         save_pause(checkpoint_path(name), m, progress)
         print(f"  {name} paused at step {progress['step']}/{a.steps} (the call's deadline)", flush=True)
@@ -421,12 +428,13 @@ def run_job(a, work, stop_at, job) -> None:
 
 def run(a):
     """The sweep, ``--workers`` at a time (small models leave a GPU partly idle; a run's peak memory stays its
-    process' own), then, where runs shared the GPU, each method's tokens/s alone (``speed``). With
-    ``--stop-after-s``, the runs going at that time pause (``train_run``) and no run starts after it."""
+    process' own), then each method's solo pass (``speed``): its tokens/s alone, which runs side by side do not
+    measure, and the memory it holds between steps, which no run measures. With ``--stop-after-s``, the runs
+    going at that time pause (``train_run``) and no run starts after it."""
     t_start = time.time()
     budget_s = start_budget(a.budget_s, a.stop_at)
     rc = run_jobs(lambda: pending(a), functools.partial(run_job, a, WORK, a.stop_at), a.workers, budget_s, a.size)
-    return rc or (speed(a, t_start, budget_s) if a.workers > 1 else 0)
+    return rc or speed(a, t_start, budget_s)
 
 
 def matmul_params(size) -> int:
@@ -438,15 +446,22 @@ def matmul_params(size) -> int:
 
 
 def speed_alone(a, method):
-    """``method``'s tokens/s alone at ``--size`` and where it comes from: this size's speed pass, else another
-    size's scaled by their FLOPs a token (``matmul_params``; the ranks, and so the projections' overhead, differ
-    too: an estimate); (None, None) where no size has one."""
-    for size in [a.size] + [s for s in SHAPES if s != a.size]:
+    """``method``'s tokens/s alone at ``--size`` and where it comes from: this size's speed pass, else the median
+    of this size's runs that had the GPU to themselves (``--workers 1``), else another size's speed pass scaled by
+    their FLOPs a token (``matmul_params``; the ranks, and so the projections' overhead, differ too: an
+    estimate); (None, None) where none of these is there."""
+    own = speed_path(a.size, method)
+    if own.is_file():
+        return json.loads(own.read_text())["tokens_per_s"], "its speed pass"
+    alone = [r["tokens_per_s"] for r in load_results(a)
+             if r["method"] == method and r["status"] == "ok" and r.get("concurrent_runs", 1) == 1]
+    if alone:
+        return statistics.median(alone), f"its {len(alone)} run{'s' * (len(alone) > 1)} alone at {a.size}"
+    for size in (s for s in SHAPES if s != a.size):
         path = speed_path(size, method)
         if path.is_file():
             ratio = matmul_params(size) / matmul_params(a.size)
-            where = "its speed pass" if size == a.size else f"{size}'s speed pass x {ratio:.2f}"
-            return json.loads(path.read_text())["tokens_per_s"] * ratio, where
+            return json.loads(path.read_text())["tokens_per_s"] * ratio, f"{size}'s speed pass x {ratio:.2f}"
     return None, None
 
 
@@ -472,8 +487,8 @@ def plan(a) -> float:
 
 
 def speed(a, t_start, budget_s):
-    """Each method's tokens/s alone on the device (``--speed-steps`` steps at its chosen lr after 5 not timed),
-    for sweeps run side by side: ``<size>_<method>_speed.json``."""
+    """Each method's tokens/s alone on the device (``--speed-steps`` steps at its chosen lr after 5 not timed) and
+    what it holds between steps: ``<size>_<method>_speed.json``."""
     device = study_device(a.device)
     train, results = load_tokens("train"), load_results(a)
     for method in a.methods:
