@@ -12,13 +12,12 @@ Q=benchmarks/quality
 RUNS=benchmarks/results
 python=(scripts/venv-run python)
 
-# the runs made so far, from their committed copies (every session's folder, the newest last): a study run again
-# makes only what is missing
+# the runs made so far, from their committed copies (every session's folder; where two hold a file, the newest
+# session's): a study run again makes only what is missing
 restore() {  # $1: the committed runs folders' name up to their date, $2: the work folder
-  [ -d "$2" ] && return
-  mkdir -p "$2"
-  for folder in $RUNS/$1_20*/; do cp -r "$folder". "$2"/; done
-  echo "restored $(ls "$2" | wc -l) entries of $RUNS/$1_* into $2"
+  mkdir -p "$2"  # what the work folder has already (a run made since, a speed pass) is kept
+  for folder in $(ls -d $RUNS/$1_20*/ | sort -r); do cp -rn "$folder". "$2"/; done  # the newest session's first
+  echo "$2: $(ls "$2" | wc -l) entries, with every one of $RUNS/$1_*"
 }
 
 echo "== the package as .snap (the study's BAdam runs use it while the tree changes)"
