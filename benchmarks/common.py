@@ -278,8 +278,10 @@ def sweep_jobs(grid: dict, methods, lrs_of) -> list:
     """(method, lr) in the order a sweep runs them: every method's middle lr first (a sweep cut short still
     compares them all), then the rest of the grids, then the lrs of ``lrs_of(method)`` beyond its grid."""
     order = sorted(range(max(len(grid[m]) for m in methods)), key=lambda i: (i != 1, i))
+    lrs = {m: lrs_of(m) for m in methods}  # a grid's lrs that cannot win are left out (sweep_lrs)
     jobs = [(m, sorted(grid[m])[i]) for i in order for m in methods if i < len(grid[m])]
-    return jobs + [(m, lr) for m in methods for lr in lrs_of(m) if lr not in grid[m]]
+    beyond = [(m, lr) for m in methods for lr in lrs[m] if lr not in grid[m]]
+    return [(m, lr) for m, lr in jobs if lr in lrs[m]] + beyond
 
 
 def run_jobs(pending, run_job, workers: int, budget_s: float, label: str) -> int:
@@ -293,7 +295,10 @@ def run_jobs(pending, run_job, workers: int, budget_s: float, label: str) -> int
         if not todo:
             return 0
         print(f"{label}: {len(todo)} runs to do" + (f", {workers} at a time" if workers > 1 else ""), flush=True)
-        started = sum(side_by_side(run, todo, workers) if workers > 1 else map(run, todo))
+        # one at a time, each job is looked at again as its turn comes: a run just done may have ruled it out
+        # (common.cannot_win); side by side, the next round does that
+        started = sum(side_by_side(run, todo, workers) if workers > 1
+                      else (run(job) if job in pending() else True for job in todo))
         if started < len(todo):
             print(f"budget of {budget_s} s spent; {len(todo) - started} of {len(todo)} runs left; run again to go on")
             return 3
@@ -326,11 +331,11 @@ def median(values):
 
 
 def sweep_lrs(grid: list, scores: dict, extend: int = 2, factor: float = 3.0) -> list:
-    """The learning rates a sweep must try: ``grid``, and, once every one of them is done, one more
-    step of ``factor`` beyond an edge where the best score so far lies, up to ``extend`` steps, so that
-    the chosen lr is not a grid edge unless ``extend`` ran out. ``scores``: lr -> score of the runs
-    done (higher is better)."""
-    lrs = sorted(grid)
+    """The learning rates a sweep must try: ``grid``, less those not done that lie beyond a done one scoring
+    below the best so far (``cannot_win``), and, once every one left is done, one more step of ``factor``
+    beyond an edge where the best score so far lies, up to ``extend`` steps, so that the chosen lr is not a
+    grid edge unless ``extend`` ran out. ``scores``: lr -> score of the runs done (higher is better)."""
+    lrs = [lr for lr in sorted(grid) if not cannot_win(lr, scores)]
     for _ in range(extend):
         if not all(lr in scores for lr in lrs):
             break  # the grid (or the last step out) is not done yet
@@ -342,6 +347,16 @@ def sweep_lrs(grid: list, scores: dict, extend: int = 2, factor: float = 3.0) ->
         else:
             break
     return lrs
+
+
+def cannot_win(lr: float, scores: dict) -> bool:
+    """Whether ``lr``, not run yet, lies beyond a done lr that scores below the best so far. A score rises to
+    one peak over the lrs and falls away from it (what stepping out past a best edge assumes too), so past a
+    fall it only falls further: the run would not be chosen, and a sweep spends its time elsewhere."""
+    if lr in scores or not scores:
+        return False
+    best = max(scores, key=scores.get)
+    return any(min(lr, best) < done < max(lr, best) and scores[done] < scores[best] for done in scores)
 
 
 def lr_grid(defaults: dict, overrides=None) -> dict:

@@ -22,9 +22,33 @@ from common import device_record, machine_id, machines_note, result_path, runs_d
     ({1e-5: 1, 3e-5: 2, 1e-4: 3, 3e-4: 4, 9e-4: 5}, [1e-5, 3e-5, 1e-4, 3e-4, 9e-4]),  # extend=2 ran out
     ({1e-5: 3, 3e-5: 2, 1e-4: 1}, [3.33e-6, 1e-5, 3e-5, 1e-4]),         # best at the bottom: one step down
     ({1e-5: 3, 3e-5: 2, 1e-4: 1, 3.33e-6: 2}, [3.33e-6, 1e-5, 3e-5, 1e-4]),  # the step down was worse: done
+    ({3e-5: 2, 1e-4: 1}, [1e-5, 3e-5, 1e-4]),                          # a fall upwards: the lr below may win
+    ({3e-5: 2, 1e-5: 3}, [3.33e-6, 1e-5, 3e-5]),                        # a fall upwards from the best: 1e-4
+                                                                        # cannot win; the bottom edge is best
+    ({3e-5: -float("inf"), 1e-5: 1}, [3.33e-6, 1e-5, 3e-5]),            # a failed middle: beyond it too
+    ({3e-5: 2, 1e-5: 3, 1e-4: 1}, [3.33e-6, 1e-5, 3e-5, 1e-4]),         # a run done is never left out
 ])
 def test_sweep_steps_past_a_best_edge(scores, expected):
     assert sweep_lrs([3e-5, 1e-5, 1e-4], scores) == expected
+
+
+def test_one_at_a_time_a_job_the_run_before_it_ruled_out_is_not_run():
+    from common import run_jobs
+
+    scores, ran = {}, []
+    perplexity = {1e-3: 40.0, 3e-3: 45.0, 3.33e-4: 42.0}  # no 1e-2: running it would raise
+
+    def run_job(lr):
+        ran.append(lr)
+        scores[lr] = -perplexity[lr]
+        return None
+
+    def pending():
+        return [lr for lr in sweep_lrs([1e-3, 3e-3, 1e-2], scores) if lr not in scores]
+
+    assert pending() == [1e-3, 3e-3, 1e-2]
+    assert run_jobs(pending, run_job, 1, 0.0, "test") == 0
+    assert ran == [1e-3, 3e-3, 3.33e-4]  # 3e-3 fell from 1e-3: 1e-2 cannot win; 1e-3 is the bottom edge: a step down
 
 
 def _result(folder, method, lr, seed, exact, status="ok"):
