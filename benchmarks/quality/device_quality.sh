@@ -23,6 +23,8 @@
 #   run(command="STEP=pretrain SIZE=60m PT_ARGS='--workers 3' bash benchmarks/quality/device_quality.sh", timeout_s=590)  # at once, until done
 # (runs going at PT_STOP=510 s pause and the next call goes on with them, while the machine is warm)
 # (one pretrain_part call a part but the last, which comes with the pretrain step; tokens.sha256 lists the parts.)
+# STEP=gpu_tests runs `pytest -m gpu` with the wheels (GPU_TESTS names the files); a part's call can take it along:
+#   run(command="STEP='pretrain_part gpu_tests' bash benchmarks/quality/device_quality.sh", carry=[".whl", "$C/tokens_train.00.u16.xz"])
 # Results: $OUT/quality_work.tar (the per-run JSON files), $OUT/log.txt; unpack the tar here into
 # benchmarks/quality/work/ and run `finetune_rg.py report` (and `score`, where reasoning-gym is installed).
 set -uo pipefail
@@ -108,6 +110,12 @@ case $step in
     python3 benchmarks/quality/pretrain_llama.py run --size ${SIZE:-60m} --budget-s ${PT_BUDGET:-0} \
       --stop-after-s ${PT_STOP:-510} ${PT_ARGS:-} 2>&1 \
       | grep -v "Parameters with" | tee "$OUT/log_pretrain.txt" | tail -30
+    ;;
+  gpu_tests)
+    # the GPU tests with the peers' wheels (/tmp/site), against the working tree's package, not .snap's;
+    # GPU_TESTS: which (default: the evaluation's peaks and the studies' pause and resume on cuda)
+    PYTHONPATH=/tmp/site:$PWD python3 -m pytest -m gpu -q -p no:cacheprovider \
+      ${GPU_TESTS:-tests/test_finetune_eval.py tests/test_quality_resume.py} 2>&1 | tee "$OUT/gpu_tests.txt" | tail -30
     ;;
   *) echo "unknown step $step" ;;
 esac
