@@ -384,22 +384,25 @@ def test_the_summary_gives_the_steps_and_the_evaluations_peaks(job, tmp_path):
 
 
 @pytest.mark.gpu
-def test_on_a_gpu_a_wide_eval_batch_shows_in_the_evaluations_peak_not_the_steps(job, tmp_path):
-    """Against a run that evaluates only after its last step (whose steps' peak no evaluation can touch), one that
-    evaluates 64 rows a forward after every step has the same steps' peak, and a larger evaluations' peak than
-    one that evaluates a row at a time. Each run a process of its own, as the job is run: CUDA's peak counter
-    is the process', and a first run's one-time allocations (Triton's autotuning among them) would show in it
-    and not in a second's."""
+def test_on_a_gpu_a_wide_eval_batch_shows_in_the_evaluations_peak_not_the_steps(tok, tmp_path):
+    """An evaluation of 64 rows a forward through the plain loss holds hundreds of MiB of logits (a 32k vocabulary);
+    a training step of 2 rows, a few. A run that evaluates after every step has the steps' peak of one that
+    evaluates only after its last step (whose steps' peak no evaluation can touch), give or take what a library
+    allocates once and keeps from then on (cuBLAS' workspaces, tens of MiB, counted as allocated from the first
+    forward that takes them; on an H100 an evaluation a row at a time showed 50 MiB of it); both runs'
+    evaluations' peaks lie far above. Each run a process of its own, as the job is run: CUDA's peak counter is
+    the process'."""
     import subprocess
     import sys
 
-    d, model, data, _ = job
+    model = tiny_model_folder(tmp_path / "model", tok, vocab_size=32768)
+    data = write_jsonl(tmp_path / "many.jsonl", mixed_lines(256))  # 128 held out: two forwards of 64 rows
     runs = {}
-    for name, width, every in (("at_the_end", 64, 0), ("wide", 64, 1), ("narrow", 1, 1)):  # the training's: 2 rows
+    for name, every in (("at_the_end", 0), ("every_step", 1)):
         out = tmp_path / name
         done = subprocess.run([sys.executable, "-m", "badam_kernels", "--model", model, "--data", data,
-                               "--eval-fraction", "0.5", "--eval-every", str(every), "--steps", "2",
-                               "--device", "cuda", "--eval-batch-size", str(width), "--out", str(out), "--seed", "0",
+                               "--eval-fraction", "0.5", "--eval-every", str(every), "--eval-batch-size", "64",
+                               "--no-fused-ce", "--steps", "2", "--device", "cuda", "--out", str(out), "--seed", "0",
                                *TINY], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         summary = json.loads((out / "summary.json").read_text())
@@ -408,7 +411,7 @@ def test_on_a_gpu_a_wide_eval_batch_shows_in_the_evaluations_peak_not_the_steps(
         assert summary["peak_mem_mib"] == max(summary["steps_peak_mem_mib"], summary["eval_peak_mem_mib"])
         assert summary["peak_reserved_mib"] >= summary["peak_mem_mib"]  # the allocator's, over the counters' resets
         runs[name] = dict(steps=summary["steps_peak_mem_mib"], evals=summary["eval_peak_mem_mib"],
-                          each_step=[r["peak_mem_mib"] for r in records], reserved=summary["peak_reserved_mib"])
-    assert runs["wide"]["steps"] == pytest.approx(runs["at_the_end"]["steps"], abs=1.0), runs
-    assert runs["narrow"]["steps"] >= runs["at_the_end"]["steps"] - 1.0, runs
-    assert runs["wide"]["evals"] > runs["narrow"]["evals"], runs
+                          each_step=[r["peak_mem_mib"] for r in records])
+    kept_once = 64.0  # MiB: more than the one-time workspaces, far less than the evaluation's logits
+    assert runs["every_step"]["steps"] <= runs["at_the_end"]["steps"] + kept_once, runs
+    assert min(run["evals"] for run in runs.values()) > runs["at_the_end"]["steps"] + 4 * kept_once, runs
