@@ -217,6 +217,16 @@ def save_pause(path: Path, method, progress: dict) -> None:
     os.replace(path.with_suffix(".tmp"), path)
 
 
+def reset_peak(device: torch.device) -> None:
+    """CUDA's peak counters start again from what is allocated now (pending work done, the allocator's cache
+    emptied): a run's peak is its own, not its process' earlier runs' or a pause file's copies'. Nothing on
+    the CPU, whose peak resident set cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def resume_pause(path: Path, method, device: torch.device):
     """The progress saved at ``path``, with the weights, optimizer state and RNG put back into ``method``;
     None where there is no such file."""

@@ -65,9 +65,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import peers  # noqa: E402
 from common import (add_call_options, add_ran_options, add_speed_options, call_deadline, device_record,  # noqa: E402
-                    lr_grid, machines_note, markdown_table, report_commands, result_path, resume_pause, run_jobs,
-                    runs_device, save_pause, start_budget, study_device, sweep_jobs, sweep_lrs, to_time, write_json,
-                    write_result)
+                    lr_grid, machines_note, markdown_table, report_commands, reset_peak, result_path, resume_pause,
+                    run_jobs, runs_device, save_pause, start_budget, study_device, sweep_jobs, sweep_lrs, to_time,
+                    write_json, write_result)
 
 try:  # the main job's data module (badam_kernels.finetune.data since the layout change; before: .data)
     from badam_kernels.finetune import data as job_data
@@ -340,13 +340,6 @@ def eval_points(a):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
 
 
 def badam_args(a, lr, seed, run_dir):

@@ -65,8 +65,8 @@ sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402  (the offline corpus: sources, readers, filters)
 from common import (LLAMA_SHAPES, add_call_options, add_ran_options, add_speed_options,  # noqa: E402
                     call_deadline, device_record, layer_shapes, lr_grid, machines_note, markdown_table,
-                    report_commands, result_path, resume_pause, run_jobs, runs_device, save_pause, start_budget,
-                    study_device, sweep_jobs, sweep_lrs, to_time, write_json, write_result)
+                    report_commands, reset_peak, result_path, resume_pause, run_jobs, runs_device, save_pause,
+                    start_budget, study_device, sweep_jobs, sweep_lrs, to_time, write_json, write_result)
 from badam_kernels.finetune.launch import PeakMemory  # noqa: E402  (the job's: the steps' peak, evaluations apart)
 
 WORK = Path(os.environ.get("QUALITY_WORK", HERE / "work")) / "pretrain"
@@ -305,9 +305,7 @@ def run_one(a, method, lr, device, train, val, stop_at=None):
     if reason:
         write_result(out, dict(size=a.size, method=method, lr=lr, status="unavailable", reason=reason))
         return
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak(device)
     model = build_model(a.size, device)
     params = sum(p.numel() for p in model.parameters())
     result = None
@@ -349,15 +347,14 @@ def train_run(a, m, name, lr, device, train, val, stop_at):
     progress = resume_pause(checkpoint_path(name), m, device)
     if progress is None:
         with memory.evaluating():
-            progress = dict(step=0, losses=[], wall=0.0, peak_mib=None, calls=0,
-                            curve=[(0, val_loss(m.module, val, a, device))])
+            first = val_loss(m.module, val, a, device)
+        progress = dict(step=0, losses=[], wall=0.0, peak_mib=None, calls=0, curve=[(0, first)])
     else:
         print(f"  {name} goes on from step {progress['step']}", flush=True)
     progress["calls"] += 1
-    if device.type == "cuda" and progress["calls"] > 1:  # not the checkpoint's copies, gone by the first step
+    if progress["calls"] > 1:  # not the checkpoint's copies, gone by the first step
         gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak(device)
 
     def evaluate(step, loss):
         with memory.evaluating():
