@@ -249,6 +249,10 @@ def add_call_options(parser, paused: str) -> None:
     parser.add_argument("--stop-after-s", type=float, default=0,
                         help=f"after this many seconds the runs going pause ({paused}) and the next call goes on with "
                              "them (0: never; on the GPU machine, inside the call's limit with room for what follows)")
+    parser.add_argument("--whole-runs", action="store_true",
+                        help="start only the runs expected to end before --stop-after-s (their wall time as `plan` "
+                             f"prices it, x{WALL_MARGIN}), so that none pauses: a session's last call, whose paused "
+                             "runs are lost when the machine goes back. A run not priced yet does not start")
 
 
 def add_speed_options(parser, when: str) -> None:
@@ -274,6 +278,8 @@ def call_deadline(parser, args):
     """``--stop-after-s`` from now as a ``time.time()`` (None: no pause), once both limits are checked."""
     if args.budget_s < 0 or args.stop_after_s < 0:
         parser.error(f"--budget-s and --stop-after-s must be 0 or more, got {args.budget_s} and {args.stop_after_s}")
+    if args.whole_runs and not args.stop_after_s:
+        parser.error("--whole-runs starts the runs that end before --stop-after-s: give --stop-after-s too")
     return time.time() + args.stop_after_s if args.stop_after_s else None
 
 
@@ -294,34 +300,58 @@ def sweep_jobs(grid: dict, methods, lrs_of) -> list:
     return [(m, lr) for m, lr in jobs if lr in lrs[m]] + beyond
 
 
-def run_jobs(pending, run_job, workers: int, budget_s: float, label: str) -> int:
+# --whole-runs: a run starts only where its expected wall time, times this, ends before the call's deadline. A
+# 130M pretraining call (2026-12-06) took a tenth more than its runs' training (builds, validations, a checkpoint),
+# and one machine trained some methods a tenth slower than the one that priced them.
+WALL_MARGIN = 1.25
+
+
+def run_jobs(pending, run_job, workers: int, budget_s: float, label: str, wall=None, stop_at=None) -> int:
     """Run the jobs ``pending()`` lists, ``workers`` at a time (``side_by_side``), again while the jobs just
     done add more (a sweep's steps past an edge), starting none after ``budget_s`` seconds (0: no limit).
-    ``run_job(job)`` must be picklable (a module-level function, or a partial of one). 0: all done; 3: the
-    budget ran out first."""
-    run = functools.partial(_within_budget, run_job, time.time(), budget_s, workers)
+    With ``wall`` (a job's expected wall seconds, None where not known) and ``stop_at`` (a ``time.time()``),
+    a job starts only where it is expected to end by then (``--whole-runs``); a shorter one after it may.
+    ``run_job(job)`` must be picklable (a module-level function, or a partial of one). 0: all done; 3: some
+    not started (the budget ran out, or they would not have ended in time)."""
+    t_start = time.time()
     while True:
         todo = pending()
         if not todo:
             return 0
         print(f"{label}: {len(todo)} runs to do" + (f", {workers} at a time" if workers > 1 else ""), flush=True)
+        walls = None if wall is None else {job: wall(job) for job in todo}  # priced here: the workers need not
+        run = functools.partial(_within_budget, run_job, t_start, budget_s, workers, walls, stop_at)
         # one at a time, each job is looked at again as its turn comes: a run just done may have ruled it out
         # (common.cannot_win); side by side, the next round does that
         started = sum(side_by_side(run, todo, workers) if workers > 1
                       else (run(job) if job in pending() else True for job in todo))
         if started < len(todo):
-            print(f"budget of {budget_s} s spent; {len(todo) - started} of {len(todo)} runs left; run again to go on")
+            why = ([f"the budget of {budget_s:.0f} s spent"] if budget_s else []) \
+                + (["not expected to end before the call's deadline"] if walls is not None else [])
+            print(f"{len(todo) - started} of {len(todo)} runs not started ({', or '.join(why)}); run again to go on")
             return 3
 
 
-def _within_budget(run_job, t_start: float, budget_s: float, workers: int, job) -> bool:
-    """``run_job(job)`` unless the budget is spent (then False); the host's cores shared among the workers."""
+def _within_budget(run_job, t_start: float, budget_s: float, workers: int, walls, stop_at, job) -> bool:
+    """``run_job(job)`` unless the budget is spent or, with ``walls``, the job is not expected to end by
+    ``stop_at`` (then False); the host's cores shared among the workers."""
     if budget_s and time.time() - t_start > budget_s:
+        return False
+    if walls is not None and not ends_in_time(walls[job], stop_at):
+        left = stop_at - time.time()
+        print(f"  not started: {job} (" + ("its wall time not priced yet" if walls[job] is None else
+              f"about {walls[job]:.0f} s x{WALL_MARGIN}, {left:.0f} s left") + ")", flush=True)
         return False
     if workers > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     run_job(job)
     return True
+
+
+def ends_in_time(wall, stop_at: float) -> bool:
+    """Whether a job of ``wall`` expected seconds (None: not known), started now, ends by ``stop_at`` with
+    ``WALL_MARGIN`` to spare."""
+    return wall is not None and time.time() + wall * WALL_MARGIN <= stop_at
 
 
 def just_switched(opt) -> bool:

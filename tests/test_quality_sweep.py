@@ -2,6 +2,7 @@
 and finetune_rg.py schedules those steps, then the seeds at the chosen lr."""
 import json
 import sys
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -49,6 +50,84 @@ def test_one_at_a_time_a_job_the_run_before_it_ruled_out_is_not_run():
     assert pending() == [1e-3, 3e-3, 1e-2]
     assert run_jobs(pending, run_job, 1, 0.0, "test") == 0
     assert ran == [1e-3, 3e-3, 3.33e-4]  # 3e-3 fell from 1e-3: 1e-2 cannot win; 1e-3 is the bottom edge: a step down
+
+
+def test_whole_runs_start_only_the_jobs_expected_to_end_before_the_deadline(capsys):
+    from common import WALL_MARGIN, run_jobs
+
+    ran = []
+    walls = {"long": 100.0, "unpriced": None, "short": 10.0}
+    stop_at = time.time() + 50 * WALL_MARGIN  # "long" would pause, "short" ends with time to spare
+    assert run_jobs(lambda: [j for j in walls if j not in ran], ran.append, 1, 0.0, "test", walls.get, stop_at) == 3
+    assert ran == ["short"]  # a shorter job after one that does not fit still starts
+    out = capsys.readouterr().out
+    assert "not started: long (about 100 s x1.25" in out and "not started: unpriced (its wall time not priced yet)" in out
+    assert "2 of 3 runs not started" in out
+    ran.clear()  # without prices (no --whole-runs) every job starts, the deadline notwithstanding
+    assert run_jobs(lambda: [j for j in walls if j not in ran], ran.append, 1, 0.0, "test", None, stop_at) == 0
+    assert ran == ["long", "unpriced", "short"]
+
+
+@pytest.mark.parametrize("study", ["finetune_rg", "pretrain_llama"])
+def test_whole_runs_need_a_deadline(study, capsys):
+    module = __import__(study)
+    with pytest.raises(SystemExit):
+        module.main(["run", "--whole-runs"])
+    assert "--whole-runs starts the runs that end before --stop-after-s" in capsys.readouterr().err
+
+
+def test_pretraining_with_whole_runs_starts_the_runs_its_plan_says_end_in_time(tmp_path, monkeypatch, capsys):
+    import pretrain_llama
+
+    results = tmp_path / "pretrain" / "results"
+    results.mkdir(parents=True)
+    monkeypatch.setattr(pretrain_llama, "WORK", tmp_path / "pretrain")
+    (results / "130m_adamw_speed.json").write_text(json.dumps(dict(tokens_per_s=100_000.0)))
+    (results / "130m_badam_speed.json").write_text(json.dumps(dict(tokens_per_s=200_000.0)))
+    ran = []
+
+    def run_job(a, work, stop_at, job):
+        ran.append(job)
+        method, lr = job
+        (results / f"130m_{method}_lr{lr:g}.json").write_text(
+            json.dumps(dict(size="130m", method=method, lr=lr, status="ok", val_ppl=50.0)))
+
+    monkeypatch.setattr(pretrain_llama, "run_job", run_job)
+    a = Namespace(size="130m", lr=["adamw=1e-3", "badam=1e-3", "galore=3e-3"], methods=["adamw", "badam", "galore"],
+                  extend=0, grid_from=None, steps=1200, batch=64, seq=256, workers=1, budget_s=0.0, whole_runs=True)
+    assert pretrain_llama.expected_wall(a, ("adamw", 1e-3)) == pytest.approx(1200 * 64 * 256 / 100_000.0)  # 197 s
+    a.stop_at = time.time() + 200.0  # BAdam's 98 s fits with its margin, AdamW's 197 s does not; GaLore has no price
+    assert pretrain_llama.run(a) == 3
+    assert ran == [("badam", 1e-3)]
+    assert "not started: ('adamw', 0.001)" in capsys.readouterr().out
+
+
+def test_fine_tuning_with_whole_runs_prices_each_run_as_its_methods_runs_took(tmp_path, monkeypatch):
+    import finetune_rg
+
+    results = tmp_path / "finetune" / "results"
+    results.mkdir(parents=True)
+    monkeypatch.setattr(finetune_rg, "WORK", tmp_path / "finetune")
+    for lr, exact in ((1e-5, 0.1), (3e-5, 0.3), (1e-4, 0.2)):
+        _result(results, "adamw", lr, 0, exact)
+        path = results / f"adamw_lr{lr:g}_s0.json"
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), concurrent_runs=1, steps=100, train_s=50.0,
+                                        wall_s=80.0)))
+    ran = []
+
+    def run_job(a, work, job):
+        ran.append(job)
+        _result(results, *job, 0.3)
+
+    monkeypatch.setattr(finetune_rg, "run_job", run_job)
+    a = Namespace(lr=["adamw=1e-5,3e-5,1e-4", "lora=1e-4"], methods=["adamw", "lora"], extend=0, seeds=3,
+                  stage="seeds", steps=100, evals=2, switch_every=5, results=results, workers=1, whole_runs=True)
+    assert finetune_rg.expected_wall(a, ("adamw", 3e-5, 1)) == pytest.approx(80.0)  # 0.5 s a step, 30 s besides
+    a.stop_at = time.time() + 90.0  # one run of 80 s x1.25 does not fit: none starts
+    assert finetune_rg.run_stage(a, "seeds") == 3 and ran == []
+    a.stop_at = time.time() + 120.0
+    assert finetune_rg.run_stage(a, "seeds") == 0
+    assert ran == [("adamw", 3e-5, 1), ("adamw", 3e-5, 2)]  # lora, swept by no run, has no seeds to make
 
 
 def _result(folder, method, lr, seed, exact, status="ok"):

@@ -21,7 +21,8 @@
 #       carry=["$C/tokens_train.02.u16.xz", "$C/tokens_val.00.u16.xz", "$C/tokens.sha256", "$C/manifest.json",
 #              "benchmarks/quality/work/pretrain/results"])   # the runs made so far: a fresh machine would redo them
 #   run(command="STEP=pretrain SIZE=60m PT_ARGS='--workers 3' bash benchmarks/quality/device_quality.sh", timeout_s=590)  # at once, until done
-# (runs going at PT_STOP=510 s pause and the next call goes on with them, while the machine is warm)
+# (runs going at PT_STOP=510 s pause and the next call goes on with them, while the machine is warm; a session's
+# last call adds --whole-runs to PT_ARGS or FT_ARGS: it starts only the runs expected to end in the call)
 # (one pretrain_part call a part but the last, which comes with the pretrain step; tokens.sha256 lists the parts.)
 # STEP=gpu_tests runs `pytest -m gpu` with the wheels (GPU_TESTS names the files); a part's call can take it along:
 #   run(command="STEP='pretrain_part gpu_tests' bash benchmarks/quality/device_quality.sh", carry=[".whl", "$C/tokens_train.00.u16.xz"])

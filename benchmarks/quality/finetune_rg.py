@@ -609,8 +609,9 @@ def run_stage(a, stage, budget_s=0.0):
     so one run leaves the GPU mostly idle; side by side, each run's peak memory stays its own process', and
     its wall time is marked with ``concurrent_runs``. With ``--stop-after-s`` the runs going then pause and
     no run starts after it (``budget_s``: ``common.start_budget``'s, 0: no limit)."""
+    wall = functools.partial(expected_wall, a) if a.whole_runs else None
     return run_jobs(functools.partial(pending_jobs, a, stage), functools.partial(run_job, a, WORK), a.workers,
-                    budget_s, stage)
+                    budget_s, stage, wall, a.stop_at)
 
 
 def pending_jobs(a, stage) -> list:
@@ -625,8 +626,7 @@ def plan(a) -> float:
     (its tokens at that tokens/s), and return the total of the known ones: to size the GPU calls; with
     ``--workers`` above 1, also the calls' time side by side (``side_by_side``). A step out of a grid that
     depends on runs not made yet is not listed: plan again after them."""
-    first = argparse.Namespace(**{**vars(a), "results": WORK / "results"})  # a new length: the first study's runs
-    done = [r for r in load_results(a) + load_results(first) if r.get("status") == "ok"]
+    done = done_runs(a)
     per_step = done[0]["tokens"] / done[0]["steps"] if done else None  # the same batches for every method
     total, todo = 0.0, pending_jobs(a, a.stage)
     for method, lr, seed in todo:
@@ -656,23 +656,39 @@ def timed_as(method: str) -> str:
     return "badam" if speed_record(method) is None and method in BADAM_VARIANTS else method
 
 
+def done_runs(a) -> list:
+    """The runs made, this study's and, for a new length (``--steps``), the first study's: what prices the rest."""
+    first = argparse.Namespace(**{**vars(a), "results": WORK / "results"})
+    return [r for r in load_results(a) + load_results(first) if r.get("status") == "ok"]
+
+
 def side_by_side(a, todo, done) -> list | None:
-    """The wall seconds of each run of ``todo`` made ``--workers`` side by side: its seconds a step and the rest of
-    its wall time (evaluations, generations, start) are the medians of its method's runs in ``done`` made at the
-    number side by side nearest ``--workers``. None where a method has no run made side by side (a run's share of
-    the device changes as others end: an estimate, not a measure)."""
-    walls = []
-    for method, _, _ in todo:
-        timed = timed_as(method)  # once a run: it reads the method's speed record
-        made = [r for r in done if r["method"] == timed and r.get("concurrent_runs") and r.get("train_s")]
-        if not made:
-            return None
-        nearest = min(abs(r["concurrent_runs"] - a.workers) for r in made)
-        like = [r for r in made if abs(r["concurrent_runs"] - a.workers) == nearest]
-        per_step = statistics.median(r["train_s"] / r["steps"] for r in like)
-        rest = statistics.median(r["wall_s"] - r["train_s"] for r in like)
-        walls.append(per_step * for_method(a, method).steps + rest)
-    return walls
+    """The wall seconds of each run of ``todo`` made ``--workers`` side by side (``run_wall``); None where a
+    method has no run made side by side (a run's share of the device changes as others end: an estimate, not a
+    measure)."""
+    walls = [run_wall(a, method, done) for method, _, _ in todo]
+    return None if None in walls else walls
+
+
+def run_wall(a, method, done) -> float | None:
+    """A run's wall seconds made ``--workers`` side by side: its seconds a step and the rest of its wall time
+    (evaluations, generations, start) are the medians of its method's runs in ``done`` made at the number side by
+    side nearest ``--workers``; None where it has none."""
+    timed = timed_as(method)  # once a run: it reads the method's speed record
+    made = [r for r in done if r["method"] == timed and r.get("concurrent_runs") and r.get("train_s")]
+    if not made:
+        return None
+    nearest = min(abs(r["concurrent_runs"] - a.workers) for r in made)
+    like = [r for r in made if abs(r["concurrent_runs"] - a.workers) == nearest]
+    per_step = statistics.median(r["train_s"] / r["steps"] for r in like)
+    rest = statistics.median(r["wall_s"] - r["train_s"] for r in like)
+    return per_step * for_method(a, method).steps + rest
+
+
+def expected_wall(a, job) -> float | None:
+    """``run_wall`` of a job (method, lr, seed), from the runs made so far (``--whole-runs``). A paused run is
+    priced whole."""
+    return run_wall(a, job[0], done_runs(a))
 
 
 def laid_out(walls, workers: int) -> float:
