@@ -75,8 +75,18 @@ def device_record() -> dict:
         record.update(name=props.name, sms=props.multi_processor_count, mem_gib=props.total_memory / 2**30)
     else:
         record["name"] = "cpu"
-    record["machine"] = machine_id()
+    record.update(machine=machine_id(), host_cpu=host_cpu(), host_cores=os.cpu_count())
     return record
+
+
+def host_cpu() -> str | None:
+    """The host's processor model (Linux; None elsewhere): where steps are bound by host work, it is what two
+    machines with the same card differ in."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
 
 
 def machine_id() -> str | None:
@@ -97,11 +107,13 @@ def machines_note(devices: dict) -> str:
         return ""
     if set(ids.values()) == {None}:
         return "Timings from passes whose machine was not recorded: they compare only where one pass made them."
-    groups = {}
+    groups, hosts = {}, {}
     for method, machine in ids.items():
         groups.setdefault(machine, []).append(method)
+        host = (devices[method] or {}).get("host_cpu")
+        hosts.setdefault(machine, f" ({host}, {devices[method].get('host_cores')} cores)" if host else "")
     return (f"Timings from {len(groups)} machines (compare within one): "
-            + "; ".join(f"{machine[:8] if machine else 'not recorded'}: {', '.join(methods)}"
+            + "; ".join(f"{machine[:8] + hosts[machine] if machine else 'not recorded'}: {', '.join(methods)}"
                         for machine, methods in groups.items()) + ".")
 
 

@@ -1,6 +1,7 @@
 """The quality studies' learning-rate sweeps step past a grid edge that is best (benchmarks/common.sweep_lrs),
 and finetune_rg.py schedules those steps, then the seeds at the chosen lr."""
 import json
+import os
 import sys
 import time
 from argparse import Namespace
@@ -316,11 +317,19 @@ def test_timings_from_more_than_one_machine_are_said_to_be(monkeypatch):
     a, b = dict(name="NVIDIA H100 80GB HBM3", machine="aaaaaaaa-1"), dict(name="NVIDIA H100 80GB HBM3", machine="bbbbbbbb-2")
     assert machines_note(dict(badam=a, adamw=a)) == ""
     assert machines_note(dict(badam=a, adamw=a, hift=b)) == "Timings from 2 machines (compare within one): aaaaaaaa: badam, adamw; bbbbbbbb: hift."
+    c = dict(b, machine="cccccccc-3", host_cpu="AMD EPYC 9454", host_cores=16)  # newer records name the host
+    assert machines_note(dict(badam=a, hift=c)) == \
+        "Timings from 2 machines (compare within one): aaaaaaaa: badam; cccccccc (AMD EPYC 9454, 16 cores): hift."
     assert "not recorded: lora" in machines_note(dict(badam=a, lora=dict(name="NVIDIA H100 80GB HBM3")))
     assert "not recorded" in machines_note(dict(badam=None, adamw={}))  # records older than the machine id
     assert machines_note({}) == ""  # nothing timed: nothing to say
     boot_id = Path("/proc/sys/kernel/random/boot_id")
-    assert device_record()["machine"] == (boot_id.read_text().strip() if boot_id.is_file() else None)
+    record = device_record()
+    assert record["machine"] == (boot_id.read_text().strip() if boot_id.is_file() else None)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():  # the host's processor, which two machines with one card name may differ in
+        assert record["host_cpu"] and record["host_cpu"] in cpuinfo.read_text()
+    assert record["host_cores"] == os.cpu_count()
 
 
 def test_speed_again_times_what_another_machine_timed_and_keeps_this_ones(tmp_path):
