@@ -318,11 +318,12 @@ def sweep_jobs(grid: dict, methods, lrs_of) -> list:
 WALL_MARGIN = 1.25
 
 
-def run_jobs(pending, run_job, workers: int, budget_s: float, label: str, wall=None, stop_at=None) -> int:
+def run_jobs(pending, run_job, workers: int, budget_s: float, label: str, walls_of=None, stop_at=None) -> int:
     """Run the jobs ``pending()`` lists, ``workers`` at a time (``side_by_side``), again while the jobs just
     done add more (a sweep's steps past an edge), starting none after ``budget_s`` seconds (0: no limit).
-    With ``wall`` (a job's expected wall seconds, None where not known) and ``stop_at`` (a ``time.time()``),
-    a job starts only where it is expected to end by then (``--whole-runs``); a shorter one after it may.
+    With ``walls_of`` (the jobs' expected wall seconds, a list in their order, None where not known; priced
+    once a round, from one reading of the runs made) and ``stop_at`` (a ``time.time()``), a job starts only
+    where it is expected to end by then (``--whole-runs``); a shorter one after it may.
     ``run_job(job)`` must be picklable (a module-level function, or a partial of one). 0: all done; 3: some
     not started (the budget ran out, or they would not have ended in time)."""
     t_start = time.time()
@@ -331,7 +332,7 @@ def run_jobs(pending, run_job, workers: int, budget_s: float, label: str, wall=N
         if not todo:
             return 0
         print(f"{label}: {len(todo)} runs to do" + (f", {workers} at a time" if workers > 1 else ""), flush=True)
-        walls = None if wall is None else {job: wall(job) for job in todo}  # priced here: the workers need not
+        walls = None if walls_of is None else dict(zip(todo, walls_of(todo)))  # priced here: the workers need not
         run = functools.partial(_within_budget, run_job, t_start, budget_s, workers, walls, stop_at)
         # one at a time, each job is looked at again as its turn comes: a run just done may have ruled it out
         # (common.cannot_win); side by side, the next round does that

@@ -59,7 +59,10 @@ def test_whole_runs_start_only_the_jobs_expected_to_end_before_the_deadline(caps
     ran = []
     walls = {"long": 100.0, "unpriced": None, "short": 10.0}
     stop_at = time.time() + 50 * WALL_MARGIN  # "long" would pause, "short" ends with time to spare
-    assert run_jobs(lambda: [j for j in walls if j not in ran], ran.append, 1, 0.0, "test", walls.get, stop_at) == 3
+    def walls_of(todo):
+        return [walls[job] for job in todo]
+
+    assert run_jobs(lambda: [j for j in walls if j not in ran], ran.append, 1, 0.0, "test", walls_of, stop_at) == 3
     assert ran == ["short"]  # a shorter job after one that does not fit still starts
     out = capsys.readouterr().out
     assert "not started: long (about 100 s x1.25" in out and "not started: unpriced (its wall time not priced yet)" in out
@@ -96,7 +99,8 @@ def test_pretraining_with_whole_runs_starts_the_runs_its_plan_says_end_in_time(t
     monkeypatch.setattr(pretrain_llama, "run_job", run_job)
     a = Namespace(size="130m", lr=["adamw=1e-3", "badam=1e-3", "galore=3e-3"], methods=["adamw", "badam", "galore"],
                   extend=0, grid_from=None, steps=1200, batch=64, seq=256, workers=1, budget_s=0.0, whole_runs=True)
-    assert pretrain_llama.expected_wall(a, ("adamw", 1e-3)) == pytest.approx(1200 * 64 * 256 / 100_000.0)  # 197 s
+    assert pretrain_llama.expected_walls(a, [("adamw", 1e-3), ("galore", 3e-3)]) == \
+        [pytest.approx(1200 * 64 * 256 / 100_000.0), None]  # 197 s; GaLore's speed not known
     a.stop_at = time.time() + 200.0  # BAdam's 98 s fits with its margin, AdamW's 197 s does not; GaLore has no price
     assert pretrain_llama.run(a) == 3
     assert ran == [("badam", 1e-3)]
@@ -123,7 +127,8 @@ def test_fine_tuning_with_whole_runs_prices_each_run_as_its_methods_runs_took(tm
     monkeypatch.setattr(finetune_rg, "run_job", run_job)
     a = Namespace(lr=["adamw=1e-5,3e-5,1e-4", "lora=1e-4"], methods=["adamw", "lora"], extend=0, seeds=3,
                   stage="seeds", steps=100, evals=2, switch_every=5, results=results, workers=1, whole_runs=True)
-    assert finetune_rg.expected_wall(a, ("adamw", 3e-5, 1)) == pytest.approx(80.0)  # 0.5 s a step, 30 s besides
+    assert finetune_rg.expected_walls(a, [("adamw", 3e-5, 1), ("lora", 1e-4, 1)]) == \
+        [pytest.approx(80.0), None]  # 0.5 s a step, 30 s besides; lora has no run
     a.stop_at = time.time() + 90.0  # one run of 80 s x1.25 does not fit: none starts
     assert finetune_rg.run_stage(a, "seeds") == 3 and ran == []
     a.stop_at = time.time() + 120.0

@@ -609,9 +609,9 @@ def run_stage(a, stage, budget_s=0.0):
     so one run leaves the GPU mostly idle; side by side, each run's peak memory stays its own process', and
     its wall time is marked with ``concurrent_runs``. With ``--stop-after-s`` the runs going then pause and
     no run starts after it (``budget_s``: ``common.start_budget``'s, 0: no limit)."""
-    wall = functools.partial(expected_wall, a) if a.whole_runs else None
+    walls_of = functools.partial(expected_walls, a) if a.whole_runs else None
     return run_jobs(functools.partial(pending_jobs, a, stage), functools.partial(run_job, a, WORK), a.workers,
-                    budget_s, stage, wall, a.stop_at)
+                    budget_s, stage, walls_of, a.stop_at)
 
 
 def pending_jobs(a, stage) -> list:
@@ -685,10 +685,11 @@ def run_wall(a, method, done) -> float | None:
     return per_step * for_method(a, method).steps + rest
 
 
-def expected_wall(a, job) -> float | None:
-    """``run_wall`` of a job (method, lr, seed), from the runs made so far (``--whole-runs``). A paused run is
-    priced whole."""
-    return run_wall(a, job[0], done_runs(a))
+def expected_walls(a, todo) -> list:
+    """``run_wall`` of each job (method, lr, seed) of ``todo``, from one reading of the runs made so far
+    (``--whole-runs``); None where its method has none. A paused run is priced whole."""
+    done = done_runs(a)
+    return [run_wall(a, method, done) for method, _, _ in todo]
 
 
 def laid_out(walls, workers: int) -> float:

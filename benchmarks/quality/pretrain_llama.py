@@ -430,9 +430,9 @@ def run(a):
     going at that time pause (``train_run``) and no run starts after it."""
     t_start = time.time()
     budget_s = start_budget(a.budget_s, a.stop_at)
-    wall = functools.partial(expected_wall, a) if a.whole_runs else None
+    walls_of = functools.partial(expected_walls, a) if a.whole_runs else None
     rc = run_jobs(lambda: pending(a), functools.partial(run_job, a, WORK, a.stop_at), a.workers, budget_s, a.size,
-                  wall, a.stop_at)
+                  walls_of, a.stop_at)
     return rc or speed(a, t_start, budget_s)
 
 
@@ -464,11 +464,13 @@ def speed_alone(a, method):
     return None, None
 
 
-def expected_wall(a, job):
-    """A run's expected training seconds (``--whole-runs``): its tokens at ``speed_alone``, times ``--workers``
-    (side by side the runs share the GPU); None where its speed is not known. A paused run is priced whole."""
-    tokens_per_s, _ = speed_alone(a, job[0])
-    return None if tokens_per_s is None else a.steps * a.batch * a.seq / tokens_per_s * a.workers
+def expected_walls(a, todo) -> list:
+    """Each run's expected training seconds (``--whole-runs``): its tokens at ``speed_alone`` (looked up once a
+    method), times ``--workers`` (side by side the runs share the GPU); None where its speed is not known. A
+    paused run is priced whole."""
+    speeds = {method: speed_alone(a, method)[0] for method in {method for method, _ in todo}}
+    return [None if speeds[method] is None else a.steps * a.batch * a.seq / speeds[method] * a.workers
+            for method, _ in todo]
 
 
 def plan(a) -> float:
